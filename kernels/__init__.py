@@ -1,0 +1,1 @@
+"""Triton-fused kernels (installed as rapidnlp.kernels), each beside its PyTorch reference."""
