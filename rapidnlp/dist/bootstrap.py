@@ -186,7 +186,7 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     elif launcher == "mpi":
         env = _from_mpi(environ)
     else:
-        env = DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+        env = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
     _validate(env)
     return env
 
@@ -323,7 +323,8 @@ def _validate(env: DistEnv) -> None:
         raise UserError(f"empty MASTER_ADDR {where}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free now on this host (another process may still take it before use)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -440,7 +441,7 @@ def _resolve_over_mpi(env: DistEnv) -> DistEnv:
     else:
         if env.rank == 0:
             addr = "127.0.0.1" if len(set(hosts)) == 1 else host
-            port = _free_port()
+            port = free_port()
         else:
             addr, port = None, None
         addr, port = comm.bcast((addr, port), root=0)
