@@ -1,0 +1,137 @@
+"""Reading users' raw text corpora, line by line, into documents made of sentences.
+
+Two formats, told apart by the file name:
+  *.jsonl / *.json  one JSON object per line, the document's text in a field ("text" by default);
+  anything else     plain UTF-8 text, one document per non-blank line.
+Each document is split into sentences after Chinese and Western terminal punctuation
+(。！？!?；; and a '.' followed by whitespace), keeping the punctuation and any closing quotes or
+brackets right after it; newlines inside a JSON text also end a sentence.
+
+Lines that are not valid UTF-8 are skipped and counted (CorpusReader.num_skipped and the first
+line numbers in .skipped_lines) unless strict_utf8 asks for an error.  The whole file is never
+held in memory.  This module knows nothing of tokenizers or of the dataset format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterator
+
+from rapidnlp.errors import UserError
+
+_JSON_SUFFIXES = (".jsonl", ".json")
+# Terminal punctuation, then closing quotes/brackets that belong to the same sentence.
+_BOUNDARY = re.compile(
+    r"([。！？!?；;]+[”’\"'」』）)\]】]*"
+    r"|\.+[”’\"')\]]*(?=\s))"
+)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text`, punctuation kept, surrounding whitespace and empty pieces dropped."""
+    out = []
+    for line in text.splitlines():
+        for piece in _BOUNDARY.sub("\\1\n", line).split("\n"):
+            piece = piece.strip()
+            if piece:
+                out.append(piece)
+    return out
+
+
+class CorpusReader:
+    """An iterable over a corpus' documents (lists of sentences) that keeps reading statistics.
+
+    Iterating again rereads the file and resets the statistics.  After a full pass:
+    num_documents, num_sentences, num_skipped (lines dropped as invalid UTF-8) and
+    skipped_lines (the first `max_reported` of their 1-based line numbers).
+    """
+
+    def __init__(self, path: str, *, strict_utf8: bool = False, text_key: str = "text",
+                 max_reported: int = 10):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise UserError(f"{self.path}: corpus file not found; fix the input path")
+        if not os.path.isfile(self.path):
+            raise UserError(f"{self.path}: corpus is not a regular file; pass one text or "
+                            f".jsonl file")
+        self.strict_utf8 = strict_utf8
+        self.text_key = text_key
+        self.max_reported = max_reported
+        self.is_jsonl = self.path.lower().endswith(_JSON_SUFFIXES)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.num_documents = 0
+        self.num_sentences = 0
+        self.num_skipped = 0
+        self.skipped_lines: list[int] = []
+
+    def skipped_summary(self) -> str:
+        """One line about skipped non-UTF-8 lines, or '' if none were skipped."""
+        if not self.num_skipped:
+            return ""
+        more = ", ..." if self.num_skipped > len(self.skipped_lines) else ""
+        lines = ", ".join(str(n) for n in self.skipped_lines)
+        return (f"{self.path}: skipped {self.num_skipped} line(s) that are not valid UTF-8 "
+                f"(line {lines}{more})")
+
+    def __iter__(self) -> Iterator[list[str]]:
+        self._reset()
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    # utf-8-sig on the first line drops a byte-order mark some editors write.
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    if self.strict_utf8:
+                        raise UserError(
+                            f"{self.path}:{lineno}: not valid UTF-8 (byte offset {e.start} in "
+                            f"the line); convert the file (e.g. `iconv -f GBK -t UTF-8`) or "
+                            f"turn strict UTF-8 off to skip such lines") from None
+                    self.num_skipped += 1
+                    if len(self.skipped_lines) < self.max_reported:
+                        self.skipped_lines.append(lineno)
+                    continue
+                if not line.strip():
+                    continue
+                text = self._json_text(line, lineno) if self.is_jsonl else line
+                sentences = split_sentences(text)
+                if not sentences:
+                    continue
+                self.num_documents += 1
+                self.num_sentences += len(sentences)
+                yield sentences
+        if self.num_documents == 0:
+            why = f" ({self.num_skipped} line(s) skipped as not valid UTF-8)" \
+                if self.num_skipped else ""
+            fmt = (f'one JSON object per line with a "{self.text_key}" field'
+                   if self.is_jsonl else "one document per line")
+            raise UserError(f"{self.path}: corpus is empty{why}; it needs text, {fmt}")
+
+    def _json_text(self, line: str, lineno: int) -> str:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                            f"each line must be one JSON object like "
+                            f'{{"{self.text_key}": "..."}}') from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{self.path}:{lineno}: expected a JSON object, got "
+                            f"{type(obj).__name__}; each line must be one JSON object like "
+                            f'{{"{self.text_key}": "..."}}')
+        if self.text_key not in obj:
+            keys = ", ".join(sorted(map(str, obj))) or "none"
+            raise UserError(f'{self.path}:{lineno}: no "{self.text_key}" field (fields: {keys}); '
+                            f"set the text key to the field that holds the text")
+        text = obj[self.text_key]
+        if not isinstance(text, str):
+            raise UserError(f'{self.path}:{lineno}: field "{self.text_key}" is '
+                            f"{type(text).__name__}, not a string; store the text as a string")
+        return text
+
+
+def iter_documents(path: str, *, strict_utf8: bool = False,
+                   text_key: str = "text") -> Iterator[list[str]]:
+    """Documents of a corpus as lists of sentences; use CorpusReader to also get its statistics."""
+    return iter(CorpusReader(path, strict_utf8=strict_utf8, text_key=text_key))

