@@ -19,6 +19,13 @@ import torch.distributed as dist
 from rapidnlp.dist.bootstrap import init_distributed, shutdown
 
 
+def _say(line: str) -> None:
+    # One write() per line: under `python -u`, print() writes the text and its newline
+    # separately, and the ranks' lines interleave on the shared stdout.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--expect-world", type=int)
@@ -51,15 +58,15 @@ def main() -> None:
             f.write(str(os.getpid()))
         os.replace(path + ".tmp", path)  # readers never see a half-written file
     if args.fail_rank is not None and env.rank == args.fail_rank:
-        print(f"probe rank={env.rank} failing with {args.fail_code}", flush=True)
+        _say(f"probe rank={env.rank} failing with {args.fail_code}")
         os._exit(args.fail_code)
     if args.sleep:
         time.sleep(args.sleep)
 
     status = "ok" if not problems else "FAIL " + "; ".join(problems)
-    print(f"probe rank={env.rank} world={env.world_size} local={env.local_rank}/"
-          f"{env.local_world_size} launcher={env.launcher} master={env.master_addr}:"
-          f"{env.master_port} sum={t.item():g} {status}", flush=True)
+    _say(f"probe rank={env.rank} world={env.world_size} local={env.local_rank}/"
+         f"{env.local_world_size} launcher={env.launcher} master={env.master_addr}:"
+         f"{env.master_port} sum={t.item():g} {status}")
     shutdown(0 if not problems else 1)
 
 

@@ -215,3 +215,19 @@ def test_mpi_without_mpi4py_says_how_to_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `from mpi4py import MPI` fail
     with pytest.raises(UserError, match=r"pip install rapidnlp\[mpi\].*MASTER_ADDR"):
         bootstrap._resolve_over_mpi(detect_env(OPENMPI))
+
+
+@pytest.mark.parametrize("local_rank, local_world, visible, device", [
+    (3, 4, 8, 3),   # all GPUs visible to every rank
+    (3, 4, 4, 3),
+    (3, 4, 1, 0),   # one GPU bound per task by the launcher
+])
+def test_device_index(local_rank, local_world, visible, device):
+    env = DistEnv(local_rank, local_world, local_rank, local_world, "h", 1, "torchrun")
+    assert bootstrap._device_index(env, visible) == device
+
+
+def test_too_many_ranks_for_the_gpus_is_a_user_error():
+    env = DistEnv(5, 8, 5, 8, "h", 1, "torchrun")
+    with pytest.raises(UserError, match="8 processes on this node but 4 GPUs visible"):
+        bootstrap._device_index(env, 4)

@@ -364,12 +364,8 @@ def init_distributed(timeout_s: float = 300) -> DistEnv:
         "MASTER_PORT": str(env.master_port),
     })
     if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if env.local_rank >= count:
-            raise UserError(f"local rank {env.local_rank} has no GPU: this node has {count}; "
-                            f"start at most {count} processes per node")
         # Before the process group exists, so that NCCL binds this rank to its own GPU.
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(_device_index(env, torch.cuda.device_count()))
         backend = "nccl"
     else:
         backend = "gloo"
@@ -382,6 +378,18 @@ def init_distributed(timeout_s: float = 300) -> DistEnv:
     )
     _ENV = env
     return env
+
+
+def _device_index(env: DistEnv, visible: int) -> int:
+    """The CUDA device of this rank among the devices visible to it."""
+    if visible >= env.local_world_size:
+        return env.local_rank
+    if visible == 1:
+        # The launcher bound one GPU per task (srun --gpus-per-task=1, --gpu-bind):
+        # CUDA_VISIBLE_DEVICES differs per task and device 0 is this task's own.
+        return 0
+    raise UserError(f"{env.local_world_size} processes on this node but {visible} GPUs "
+                    f"visible: start at most {visible} processes per node")
 
 
 def _env_of_existing_group(dist) -> DistEnv:
