@@ -1,0 +1,266 @@
+"""Configuration as data: typed dataclasses loaded from TOML, overridable as `--section.field value`.
+
+Validation (field types, layout arithmetic) happens here, once, before any process group
+exists; every error names the field. Nothing here imports torch.distributed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from rapidnlp.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# The embedding and decoder rows are padded to a multiple of this, independently of tp, so a
+# checkpoint saved at one tp loads at another. Pad rows are never predicted (labels < vocab).
+VOCAB_PAD_MULTIPLE = 128
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    ffn_size: int = 512
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    fused_kernels: bool = False
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 0  # 0: whatever the world size leaves after tp and pp
+    dp_mode: str = "fsdp"  # fsdp | ddp
+    sequence_parallel: bool = True  # only meaningful with tp > 1
+    loss_parallel: bool = True  # vocab-parallel cross-entropy; only meaningful with tp > 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    global_batch: int = 16
+    micro_batch: int = 4
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 2
+    lr_decay: str = "linear"  # linear | cosine | constant
+    optimizer: str = "adamw"  # adamw | lamb
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    clip_grad: float = 1.0  # 0 disables clipping (the norm is still reported)
+    precision: str = "fp32"  # fp32 | bf16
+    run_dir: str = "runs/default"
+    eval_interval: int = 0  # 0: no validation
+    eval_batches: int = 2
+    log_interval: int = 1
+    tensorboard: bool = False
+    peak_tflops: float = 0.0  # per device; 0: look the device up (CPU needs a configured value)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # indexed dataset prefix (PREFIX.bin / PREFIX.idx)
+    tokenizer: str = ""  # default: ${data.path}.model
+    seq_len: int = 128
+    mask_prob: float = 0.15
+    max_predictions: int = 0  # masked positions per sequence; 0: ceil(mask_prob * seq_len) + 2
+    whole_word_mask: bool = False
+    val_fraction: float = 0.01  # share of samples held out for validation
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _coerce(where: str, value: Any, target: Any) -> Any:
+    """Convert a TOML value or a command-line string to the type of the field's default."""
+    kind = type(target)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    return str(value)
+
+
+def _unknown(where: str, key: str, known: list[str]) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(known))}"
+    return UserError(f"{where}: unknown key '{key}'{hint}")
+
+
+def apply(config: Config, section: str, key: str, value: Any, where: str) -> None:
+    """Set config.section.key = value (coerced), with errors that name the field."""
+    if section not in SECTIONS:
+        raise _unknown(where, section, list(SECTIONS))
+    obj = getattr(config, section)
+    names = [f.name for f in dataclasses.fields(obj)]
+    if key not in names:
+        raise _unknown(where, f"{section}.{key}", [f"{section}.{n}" for n in names])
+    setattr(obj, key, _coerce(f"{where}: {section}.{key}", value, getattr(obj, key)))
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML file (or the defaults) and apply `--section.field value` overrides."""
+    config = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: config file not found")
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: not valid TOML ({e})") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise _unknown(path, section, list(SECTIONS))
+            for key, value in values.items():
+                apply(config, section, key, value, path)
+    for section, key, value in parse_overrides(overrides or []):
+        apply(config, section, key, value, "command line")
+    if not config.data.tokenizer and config.data.path:
+        config.data.tokenizer = config.data.path + ".model"
+    return config
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    """`--train.steps 20 --model.fused_kernels=true` -> [(train, steps, 20), (model, fused_kernels, true)]."""
+    out = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"command line: expected --section.field value, got '{arg}'")
+        name = arg[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise UserError(f"command line: --{name} needs a value")
+            value = args[i + 1]
+            i += 2
+        section, key = name.split(".", 1)
+        out.append((section, key, value))
+    return out
+
+
+def resolve_layout(config: Config, world_size: int) -> None:
+    """Check the layout arithmetic for a given world size and fill parallel.dp when it is 0.
+
+    Every violation is one line naming the field. Runs before any process group exists.
+    """
+    m, p, t = config.model, config.parallel, config.train
+    for name, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
+        if value < 1:
+            raise UserError(f"{name} = {value}: must be at least 1")
+    if p.dp == 0:
+        if world_size % (p.tp * p.pp):
+            raise UserError(
+                f"world size {world_size} is not divisible by parallel.tp ({p.tp}) x parallel.pp ({p.pp})"
+            )
+        p.dp = world_size // (p.tp * p.pp)
+    if p.pp * p.dp * p.tp != world_size:
+        raise UserError(
+            f"parallel.pp ({p.pp}) x parallel.dp ({p.dp}) x parallel.tp ({p.tp}) = {p.pp * p.dp * p.tp}, "
+            f"but the world size is {world_size}"
+        )
+    if p.pp > 1:
+        raise UserError("parallel.pp > 1: pipeline parallelism is not available yet; use parallel.pp = 1")
+    if p.dp_mode not in ("fsdp", "ddp"):
+        raise UserError(f"parallel.dp_mode = '{p.dp_mode}': choose fsdp or ddp")
+    if m.num_heads % p.tp:
+        raise UserError(f"model.num_heads ({m.num_heads}) is not divisible by parallel.tp ({p.tp})")
+    if m.hidden_size % m.num_heads:
+        raise UserError(f"model.hidden_size ({m.hidden_size}) is not divisible by model.num_heads ({m.num_heads})")
+    if m.hidden_size % p.tp:
+        raise UserError(f"model.hidden_size ({m.hidden_size}) is not divisible by parallel.tp ({p.tp})")
+    if m.ffn_size % p.tp:
+        raise UserError(f"model.ffn_size ({m.ffn_size}) is not divisible by parallel.tp ({p.tp})")
+    if p.tp > 1 and p.sequence_parallel and config.data.seq_len % p.tp:
+        raise UserError(
+            f"data.seq_len ({config.data.seq_len}) is not divisible by parallel.tp ({p.tp}), "
+            "which sequence parallelism needs; set parallel.sequence_parallel = false or change data.seq_len"
+        )
+    if config.data.seq_len > m.max_position_embeddings:
+        raise UserError(
+            f"data.seq_len ({config.data.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings})"
+        )
+    if t.micro_batch < 1 or t.global_batch < 1:
+        raise UserError("train.micro_batch and train.global_batch must be at least 1")
+    if t.global_batch % (t.micro_batch * p.dp):
+        raise UserError(
+            f"train.global_batch ({t.global_batch}) is not divisible by train.micro_batch ({t.micro_batch}) "
+            f"x parallel.dp ({p.dp}); global batch = micro batch x accumulation steps x dp"
+        )
+    if t.precision not in ("fp32", "bf16"):
+        raise UserError(f"train.precision = '{t.precision}': choose fp32 or bf16")
+    if t.optimizer not in ("adamw", "lamb"):
+        raise UserError(f"train.optimizer = '{t.optimizer}': choose adamw or lamb")
+    if t.lr_decay not in ("linear", "cosine", "constant"):
+        raise UserError(f"train.lr_decay = '{t.lr_decay}': choose linear, cosine or constant")
+    if not 0.0 < config.data.mask_prob < 1.0:
+        raise UserError(f"data.mask_prob ({config.data.mask_prob}) must be between 0 and 1")
+
+
+def accumulation_steps(config: Config) -> int:
+    t = config.train
+    return t.global_batch // (t.micro_batch * config.parallel.dp)
+
+
+def max_predictions(config: Config) -> int:
+    d = config.data
+    return d.max_predictions or math.ceil(d.mask_prob * d.seq_len) + 2

@@ -1,0 +1,72 @@
+"""Tensor and sequence parallelism for the encoder, as DTensor `parallelize_module` plans.
+
+Megatron's layout: column-parallel query/key/value and fc1, row-parallel attention output and
+fc2, a vocab-parallel word embedding, and a vocab-parallel decoder whose logits stay sharded
+for `loss_parallel` cross-entropy. With sequence parallelism the residual stream between blocks
+is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard, and the
+blocks all-gather before attention/MLP and reduce-scatter after them.
+
+The word embedding and the decoder are one tied parameter, sharded the same way (Shard(0) over
+vocabulary rows) by both plans; `parallelize_module` replaces each module's parameter by its
+own DTensor, so the tie is restored afterwards.
+"""
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from rapidnlp.model.bert import BertForMLM
+
+
+def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool) -> None:
+    residual = Shard(1) if sequence_parallel else Replicate()
+    root_plan = {
+        "embeddings.word_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head.decoder": ColwiseParallel(
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
+    }
+    if sequence_parallel:
+        root_plan.update({
+            # Position and token-type embeddings are added on the whole sequence, then each rank
+            # keeps its sequence shard (a local slice, no communication).
+            "embeddings": PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
+            ),
+            "final_norm": SequenceParallel(),
+            "lm_head": PrepareModuleInput(
+                input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None), use_local_output=True
+            ),
+        })
+    parallelize_module(model, tp_mesh, root_plan)
+
+    for block in model.layers.values():
+        plan = {
+            "attention.query": ColwiseParallel(),
+            "attention.key": ColwiseParallel(),
+            "attention.value": ColwiseParallel(),
+            "attention.dense": RowwiseParallel(output_layouts=residual),
+            "mlp.fc1": ColwiseParallel(),
+            "mlp.fc2": RowwiseParallel(output_layouts=residual),
+        }
+        if sequence_parallel:
+            plan.update({
+                "attention_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+                ),
+                "mlp_norm": SequenceParallel(),
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+
+    model.tie_weights()
