@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 
 def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -26,7 +26,9 @@ def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         if key is not None:
             mesh, placements = key
             for dim, placement in enumerate(placements):
-                if not isinstance(placement, Replicate):
+                if placement.is_partial():  # a bug: the caller must reduce partial sums first
+                    raise RuntimeError("squared_norms needs Shard/Replicate tensors, got a Partial placement")
+                if placement.is_shard():
                     dist.all_reduce(local, group=mesh.get_group(dim))
         for j, i in enumerate(members):
             out[i] = local[j]

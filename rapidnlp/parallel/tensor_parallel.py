@@ -13,7 +13,7 @@ own DTensor, so the tie is restored afterwards.
 from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -70,3 +70,17 @@ def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_pa
         parallelize_module(block, tp_mesh, plan)
 
     model.tie_weights()
+
+
+def reduce_partial_grads(parameters) -> None:
+    """Turn Partial(sum) gradients into Replicate ones, in place.
+
+    Replicated parameters used on sequence shards (the LayerNorms under sequence parallelism)
+    get gradients that are per-rank partial sums. DTensor would reduce them lazily inside the
+    optimizer's ops, but clipping and LAMB work on local shards and must see the full gradient.
+    """
+    for p in parameters:
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            placements = [Replicate() if pl.is_partial() else pl for pl in g.placements]
+            p.grad = g.redistribute(placements=placements)

@@ -32,6 +32,7 @@ from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim import build_optimizer, lr_at
 from rapidnlp.optim.norms import clip_grad_norm_
 from rapidnlp.parallel import parallelize, uses_loss_parallel
+from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
 from rapidnlp.pretrain.mlm import mlm_loss_sum
 from rapidnlp.train.flops import peak_flops, training_flops_per_sequence
 from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
@@ -168,7 +169,9 @@ class Trainer:
                 loss_sum = self._forward_loss(batch)
                 (loss_sum * scale).backward()
             loss_total += _scalar(loss_sum).detach()
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), t.clip_grad)
+        params = list(self.model.parameters())
+        reduce_partial_grads(params)
+        grad_norm = clip_grad_norm_(params, t.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = _reduce_dp(loss_total, self.dims) / global_count
