@@ -14,24 +14,10 @@ import pytest
 from rapidnlp.dist.bootstrap import free_port
 from rapidnlp.dist.launch import spawn_local
 
+from conftest import LAUNCHER_VARS, clean_env
+
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "dist_probe.py")
-
-# Variables of an outer launcher (CI may itself run under srun or mpirun) that would make
-# the probe join the wrong job.
-LAUNCHER_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-    "PMI_RANK", "PMI_SIZE", "RAPIDNLP_LAUNCHER_PID",
-)
-
-
-def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
 
 @pytest.fixture
 def clean_environ(monkeypatch):
@@ -69,7 +55,7 @@ def _start_launcher(pid_dir: Path, *probe_args: str) -> subprocess.Popen:
             "sys.exit(spawn_local(2, sys.argv[2:], script=sys.argv[1], grace_s=5))")
     return subprocess.Popen(
         [sys.executable, "-c", code, PROBE, "--pid-dir", str(pid_dir), *probe_args],
-        env=_clean_env(), start_new_session=True)
+        env=clean_env(), start_new_session=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -106,7 +92,7 @@ def test_spawn_local_two_ranks_all_reduce(clean_environ, capfd):
 @pytest.mark.timeout(120)
 def test_single_process_without_launcher():
     res = subprocess.run([sys.executable, PROBE, "--expect-world", "1", "--expect-launcher",
-                          "single"], env=_clean_env(), capture_output=True, text=True, timeout=100)
+                          "single"], env=clean_env(), capture_output=True, text=True, timeout=100)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "sum=1 ok" in res.stdout
 
@@ -121,7 +107,7 @@ def test_torchrun_two_nodes_rendezvous():
              "--node_rank", str(node), "--nproc_per_node", "1", "--max_restarts", "0",
              "--master_addr", "127.0.0.1", "--master_port", str(port),
              PROBE, "--expect-world", "2", "--expect-launcher", "torchrun"],
-            env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
         for node in (0, 1)
     ]
@@ -155,7 +141,7 @@ def test_mpirun_resolves_master_over_mpi():
     res = subprocess.run(
         [mpirun, *root, "--oversubscribe", "-n", "2", sys.executable, PROBE,
          "--expect-world", "2", "--expect-launcher", "mpi"],
-        env=_clean_env(), capture_output=True, text=True, timeout=150, start_new_session=True)
+        env=clean_env(), capture_output=True, text=True, timeout=150, start_new_session=True)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = sorted(l for l in res.stdout.splitlines() if l.startswith("probe "))
     assert len(lines) == 2, res.stdout + res.stderr
@@ -203,7 +189,7 @@ def test_killing_launcher_alone_kills_workers_via_pdeathsig(tmp_path):
 def test_worker_whose_launcher_already_died_kills_itself():
     # The launcher died before the worker armed PR_SET_PDEATHSIG: its parent is no longer
     # the pid spawn_local announced, and no death signal would ever come.
-    env = _clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+    env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                      RAPIDNLP_LAUNCHER_PID="1")
     res = subprocess.run([sys.executable, PROBE], env=env, capture_output=True, text=True,
@@ -241,7 +227,7 @@ def test_failing_worker_stops_the_others(clean_environ, tmp_path):
 @pytest.mark.timeout(60)
 def test_shutdown_flushes_and_exits_with_code():
     code = "import sys; from rapidnlp.dist.bootstrap import shutdown; print('bye', end=''); shutdown(7)"
-    env = _clean_env()
+    env = clean_env()
     del env["PYTHONUNBUFFERED"]  # any non-empty value, even "0", unbuffers stdout
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=50)

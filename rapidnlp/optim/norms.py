@@ -28,7 +28,7 @@ def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
             for dim, placement in enumerate(placements):
                 if placement.is_partial():  # a bug: the caller must reduce partial sums first
                     raise RuntimeError("squared_norms needs Shard/Replicate tensors, got a Partial placement")
-                if placement.is_shard():
+                if not placement.is_replicate():  # Shard, and FSDP's _StridedShard under TP
                     dist.all_reduce(local, group=mesh.get_group(dim))
         for j, i in enumerate(members):
             out[i] = local[j]

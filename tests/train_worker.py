@@ -1,0 +1,111 @@
+"""A worker for the multi-process training tests: one launched world runs several layouts.
+
+    python tests/train_worker.py SPEC.json OUT.json
+
+SPEC: {"data": PREFIX, "base": {"section.field": value, ...},
+       "runs": [{"name": ..., "overrides": {...}}, ...], "dense_twin": bool}
+Rank 0 writes OUT: {name: [metric rows]} and, with dense_twin, the TP-vs-dense comparison.
+Every rank ends through shutdown(), never through interpreter exit (ARCHITECTURE.md).
+"""
+import json
+import sys
+import warnings
+
+import torch
+
+from rapidnlp.config import Config, apply, resolve_layout
+from rapidnlp.dist.bootstrap import init_distributed, shutdown
+from rapidnlp.dist.mesh import ParallelDims
+
+warnings.filterwarnings("ignore")
+
+
+def make_config(data: str, overrides: dict, world: int) -> Config:
+    config = Config()
+    config.data.path, config.data.tokenizer = data, data + ".model"
+    for name, value in overrides.items():
+        section, key = name.split(".")
+        apply(config, section, key, value, "test")
+    resolve_layout(config, world)
+    return config
+
+
+def dense_twin_check(config: Config, world: int) -> dict:
+    """Each parameter's gradient and the logits of a TP model against the same model unsharded."""
+    from torch.distributed.tensor import DTensor
+
+    from rapidnlp.model.bert import BertForMLM
+    from rapidnlp.parallel import parallelize, uses_loss_parallel
+    from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
+    from rapidnlp.pretrain.mlm import mlm_loss_sum
+    from rapidnlp.train.trainer import load_data
+
+    data = load_data(config)
+    batch = data.train.collate(range(4))
+    args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"])
+
+    torch.manual_seed(0)
+    dense = BertForMLM(config.model)
+    torch.manual_seed(0)
+    model = BertForMLM(config.model)
+    dims = ParallelDims.build(1, config.parallel.dp, config.parallel.tp)
+    model = parallelize(model, dims, config.parallel)
+
+    dense_logits = dense(*args)
+    mlm_loss_sum(dense_logits, batch["mlm_labels"]).backward()
+    from contextlib import nullcontext
+
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with loss_parallel() if uses_loss_parallel(dims, config.parallel) else nullcontext():
+        logits = model(*args)
+        mlm_loss_sum(logits, batch["mlm_labels"]).backward()
+    reduce_partial_grads(list(model.parameters()))
+
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    dense_grads = dict(dense.named_parameters())
+    grad_diff = {}
+    for name, p in model.named_parameters():
+        ref = dense_grads[name].grad
+        grad_diff[name] = float((full(p.grad) - ref).abs().max() / (ref.abs().max() + 1e-12))
+    sharded = {name: list(p.to_local().shape) for name, p in model.named_parameters() if isinstance(p, DTensor)}
+    return {
+        "logits_max_abs_diff": float((full(logits).detach() - dense_logits.detach()).abs().max()),
+        "grad_rel_diff": grad_diff,
+        "local_shapes": sharded,
+        "full_shapes": {name: list(p.shape) for name, p in dense.named_parameters()},
+    }
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    env = init_distributed(timeout_s=120)
+    torch.set_num_threads(1)
+    out = {}
+    code = 0
+    try:
+        for run in spec["runs"]:
+            config = make_config(spec["data"], {**spec["base"], **run["overrides"]}, env.world_size)
+            if run.get("dense_twin"):
+                out[run["name"]] = dense_twin_check(config, env.world_size)
+                continue
+            from rapidnlp.train.trainer import Trainer
+
+            p = config.parallel
+            trainer = Trainer(config, ParallelDims.build(p.pp, p.dp, p.tp), stream=open("/dev/null", "w"))
+            out[run["name"]] = trainer.fit()
+        if env.rank == 0:
+            with open(sys.argv[2], "w") as f:
+                json.dump(out, f)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    shutdown(code)
+
+
+if __name__ == "__main__":
+    main()
