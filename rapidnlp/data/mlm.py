@@ -118,12 +118,15 @@ class MLMSampleBuilder:
         words = np.split(np.arange(len(body)), starts[1:])
         chosen: list[int] = []
         for w in rng.permutation(len(words)):
-            if len(chosen) + len(words[w]) > target:
+            # The first word may overshoot the 15% target (up to max_predictions), so that a
+            # short sample of long words still gets one whole word masked.
+            budget = target if chosen else self.max_predictions
+            if len(chosen) + len(words[w]) > budget:
                 continue
             chosen.extend(words[w])
-            if len(chosen) == target:
+            if len(chosen) >= target:
                 break
-        if not chosen:  # every word is longer than the budget: mask the start of one
+        if not chosen:  # every word is longer than max_predictions: mask the start of one
             chosen = list(words[rng.integers(len(words))][:target])
         return np.sort(np.asarray(chosen, dtype=np.int64))
 

@@ -1,0 +1,99 @@
+"""Config loading, overrides and layout validation: every bad value is one line naming the field."""
+import pytest
+
+from rapidnlp.config import Config, accumulation_steps, load_config, max_predictions, parse_overrides, resolve_layout
+from rapidnlp.errors import UserError
+
+from conftest import REPO
+
+
+def test_tiny_config_loads_with_overrides():
+    config = load_config(str(REPO / "configs" / "tiny.toml"), ["--parallel.tp", "2", "--train.steps=7",
+                                                               "--model.fused_kernels", "true"])
+    assert (config.model.num_layers, config.model.hidden_size, config.model.num_heads) == (4, 128, 4)
+    assert config.model.dropout == 0.0
+    assert config.train.global_batch == 4 * config.train.micro_batch
+    assert config.train.warmup_steps <= 2
+    assert config.parallel.tp == 2 and config.train.steps == 7 and config.model.fused_kernels is True
+    assert config.data.tokenizer == config.data.path + ".model"
+    resolve_layout(config, 4)
+    assert config.parallel.dp == 2 and accumulation_steps(config) == 2
+
+
+@pytest.mark.parametrize("name", ["base", "300m", "1.5b"])
+def test_larger_configs_use_dropout(name):
+    config = load_config(str(REPO / "configs" / f"{name}.toml"))
+    assert config.model.dropout == 0.1
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(UserError, match=r"unknown key 'train.step'; did you mean 'train.steps'\?"):
+        load_config(None, ["--train.step", "3"])
+    with pytest.raises(UserError, match=r"unknown key 'trian'; did you mean 'train'\?"):
+        load_config(None, ["--trian.steps", "3"])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[model]\nhiden_size = 64\n")
+    with pytest.raises(UserError, match=r"bad.toml: unknown key 'model.hiden_size'; did you mean 'model.hidden_size'"):
+        load_config(str(path))
+
+
+def test_bad_values_name_the_field(tmp_path):
+    with pytest.raises(UserError, match=r"train.steps: expected an integer, got 'many'"):
+        load_config(None, ["--train.steps", "many"])
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(str(tmp_path / "missing.toml"))
+    (tmp_path / "broken.toml").write_text("[model\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_config(str(tmp_path / "broken.toml"))
+
+
+def test_override_syntax():
+    assert parse_overrides(["--a.b", "1", "--c.d=x"]) == [("a", "b", "1"), ("c", "d", "x")]
+    with pytest.raises(UserError, match="expected --section.field value"):
+        parse_overrides(["steps"])
+    with pytest.raises(UserError, match="needs a value"):
+        parse_overrides(["--train.steps"])
+
+
+def _layout(world, **fields):
+    config = Config()
+    for name, value in fields.items():
+        section, key = name.split("__")
+        setattr(getattr(config, section), key, value)
+    resolve_layout(config, world)
+    return config
+
+
+@pytest.mark.parametrize("world, fields, message", [
+    (4, {"parallel__tp": 3}, r"world size 4 is not divisible by parallel.tp \(3\)"),
+    (4, {"parallel__tp": 2, "parallel__dp": 3}, r"= 6, but the world size is 4"),
+    (2, {"parallel__tp": 2, "model__num_heads": 3, "model__hidden_size": 96}, r"model.num_heads \(3\) is not divisible by parallel.tp \(2\)"),
+    (1, {"model__hidden_size": 130}, r"model.hidden_size \(130\) is not divisible by model.num_heads \(4\)"),
+    (2, {"train__global_batch": 6, "train__micro_batch": 2}, r"train.global_batch \(6\) is not divisible by train.micro_batch \(2\) x parallel.dp \(2\)"),
+    (2, {"parallel__tp": 2, "data__seq_len": 63, "model__max_position_embeddings": 64}, r"data.seq_len \(63\) is not divisible by parallel.tp \(2\)"),
+    (1, {"data__seq_len": 1024}, r"data.seq_len \(1024\) exceeds model.max_position_embeddings"),
+    (1, {"parallel__dp_mode": "zero"}, r"parallel.dp_mode = 'zero'"),
+    (1, {"train__precision": "fp8"}, r"train.precision = 'fp8'"),
+    (2, {"parallel__pp": 2}, r"parallel.pp > 1"),
+])
+def test_impossible_layouts(world, fields, message):
+    with pytest.raises(UserError, match=message) as info:
+        _layout(world, **fields)
+    assert "\n" not in str(info.value)
+
+
+def test_vocab_padding_does_not_depend_on_tp():
+    config = Config()
+    config.model.vocab_size = 1000
+    assert config.model.padded_vocab_size == 1024
+    config.model.vocab_size = 1024
+    assert config.model.padded_vocab_size == 1024
+
+
+def test_max_predictions_default():
+    config = Config()
+    config.data.seq_len, config.data.mask_prob = 128, 0.15
+    assert max_predictions(config) == 22  # ceil(19.2) + 2
