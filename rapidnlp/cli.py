@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from rapidnlp.errors import UserError
@@ -57,12 +58,13 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.nproc and not under_launcher():
         resolve_layout(config, args.nproc)  # fail before spawning anything
         argv = ["pretrain"] + (["--config", args.config] if args.config else []) + overrides
+        argv += ["--resume", args.resume] if args.resume else []
         return spawn_local(args.nproc, argv)
     resolve_layout(config, detect_env().world_size)
-    return _run_worker(config)
+    return _run_worker(config, args.resume)
 
 
-def _run_worker(config) -> int:
+def _run_worker(config, resume: str | None) -> int:
     """One rank of a training run: process group, mesh, trainer. Never returns normally."""
     from rapidnlp.dist.bootstrap import init_distributed, shutdown
 
@@ -70,11 +72,21 @@ def _run_worker(config) -> int:
     code = 0
     try:
         from rapidnlp.dist.mesh import ParallelDims
+        from rapidnlp.train.checkpoint import Checkpointer, resolve_resume
         from rapidnlp.train.trainer import Trainer, write_run_config
 
-        p = config.parallel
+        p, c = config.parallel, config.checkpoint
+        resume_path = resolve_resume(resume, config.train.run_dir)
         dims = ParallelDims.build(p.pp, p.dp, p.tp)
         trainer = Trainer(config, dims)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption: save, then exit 0
+            signal.signal(sig, trainer.request_stop)
+        checkpointer = Checkpointer(
+            config.train.run_dir, interval=c.interval, minutes=c.minutes, keep_last=c.keep_last,
+            keep_every=c.keep_every, tokenizer=config.data.tokenizer,
+        ) if c.enabled else None
+        if resume_path and checkpointer is None:
+            raise UserError("--resume needs checkpoint.enabled = true")
         write_run_config(config)
         if env.rank == 0:
             print(
@@ -82,7 +94,9 @@ def _run_worker(config) -> int:
                 f"{config.train.steps} steps, run dir {os.path.abspath(config.train.run_dir)}",
                 flush=True,
             )
-        trainer.fit()
+        if resume_path and env.rank == 0:
+            print(f"resuming from {resume_path}", flush=True)
+        trainer.fit(checkpointer, resume_path)
         if env.rank == 0:
             run_dir = os.path.abspath(config.train.run_dir)
             print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, "
@@ -135,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="masked-LM pretraining; extra --section.field value pairs override the config")
     p.add_argument("--config", help="TOML config, e.g. configs/tiny.toml")
     p.add_argument("--nproc", type=int, default=0, help="start N local workers (ignored under torchrun/srun/mpirun)")
+    p.add_argument("--resume", help="'auto' (the run's latest checkpoint, if any) or a checkpoint folder")
 
     p = sub.add_parser("params", help="parameter counts of the configs, computed on the meta device")
     p.add_argument("--config", help="one TOML config (default: every config in configs/)")

@@ -93,11 +93,21 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
+    minutes: float = 0.0  # and/or every M minutes
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every K-th step permanently
+    enabled: bool = True  # false: no checkpoints at all (benchmarks)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -161,6 +161,12 @@ def main(argv=None) -> int:
           f"padding={pad_share:.1%}")
     print(f"threads: torch.get_num_threads()={torch.get_num_threads()} "
           f"interop={torch.get_num_interop_threads()} (cpus={os.cpu_count()})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5 * (os.cpu_count() or 1):
+        # OpenMP regions wait for their slowest thread: on a busy machine every thread that
+        # gets descheduled stalls the step, and fewer threads measure more steadily.
+        print(f"note: load average {load:.1f} on {os.cpu_count()} cpus before starting; other processes compete "
+              f"for the cores (both implementations alike, interleaved); --threads 1 is steadier then")
     print(f"timing: {args.steps} steps after {args.warmup} warm-up, interleaved per step, order alternating; "
           f"torch {torch.__version__}")
 

@@ -34,7 +34,7 @@ def launch(nproc: int, data: str, runs: list[dict], tmp_path) -> dict:
 
 
 LAYOUTS = {
-    1: {"single": {}},
+    1: {"single": {}, "single_again": {}, "single_bf16": {"train.precision": "bf16"}},
     2: {
         "tp2": {"parallel.tp": 2},
         "tp2_no_sp": {"parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False},
@@ -55,6 +55,7 @@ def curves(pd_dataset, tmp_path_factory):
         runs = [
             {"name": f"{name}/{opt}", "overrides": {**over, "train.optimizer": opt}}
             for name, over in layouts.items() for opt in OPTIMIZERS
+            if not (name == "single_bf16" and opt == "lamb")
         ]
         if nproc == 2:
             runs += [
@@ -89,6 +90,22 @@ def test_single_process_learns(curves, optimizer, drop):
     LAMB's steps are lr x ||param|| per tensor, smaller at this lr: measured 6.94 -> 6.85."""
     loss = _series(curves[f"single/{optimizer}"], "loss")
     assert loss[-5:].mean() < loss[:5].mean() - drop, loss
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_same_seed_same_layout_is_deterministic(curves):
+    for optimizer in OPTIMIZERS:
+        again, first = curves[f"single_again/{optimizer}"], curves[f"single/{optimizer}"]
+        assert len(again) == STEPS and [r["loss"] for r in again] == [r["loss"] for r in first]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bf16_autocast_tracks_fp32(curves):
+    fp32, bf16 = _series(curves["single/adamw"], "loss"), _series(curves["single_bf16/adamw"], "loss")
+    assert not np.array_equal(fp32, bf16)  # autocast really ran in bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-2)
 
 
 @pytest.mark.slow

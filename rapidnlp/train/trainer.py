@@ -34,6 +34,7 @@ from rapidnlp.optim.norms import clip_grad_norm_
 from rapidnlp.parallel import parallelize, uses_loss_parallel
 from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
 from rapidnlp.pretrain.mlm import mlm_loss_sum
+from rapidnlp.train.checkpoint import Checkpointer
 from rapidnlp.train.flops import peak_flops, training_flops_per_sequence
 from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
 
@@ -118,6 +119,7 @@ class Trainer:
             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=t.seed,
         )
         self.step = 0
+        self.stop_requested = False
         self.is_logger = dist.get_rank() == 0
         self.metrics = MetricsWriter(
             t.run_dir, t.steps, enabled=self.is_logger, tensorboard=t.tensorboard, stream=stream
@@ -209,18 +211,40 @@ class Trainer:
         self.model.train()
         return float(_reduce_dp(total, self.dims) / count)
 
-    def fit(self) -> list[dict]:
+    def request_stop(self, *_) -> None:
+        """Signal handler (SIGTERM/SIGUSR1): finish the current step, save, stop."""
+        self.stop_requested = True
+
+    def _agree(self, save_due: bool) -> tuple[bool, bool]:
+        """(stop, save) as every rank sees them, so that all ranks act on the same step."""
+        flags = torch.tensor([float(self.stop_requested), float(save_due)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def fit(self, checkpointer: Checkpointer | None = None, resume: str | None = None) -> list[dict]:
+        """Train to train.steps (or until a stop signal). Returns this call's metric rows."""
         t = self.config.train
         rows = []
+        resumed_from = None
+        if resume:
+            resumed_from = checkpointer.load(self, resume)["step"]
         self.model.train()
         while self.step < t.steps:
             row = self.train_step()
             if t.eval_interval and self.data.val is not None and self.step % t.eval_interval == 0:
                 row["val_loss"] = self.evaluate()
+            if resumed_from is not None:
+                row["resumed_from"], resumed_from = resumed_from, None
             rows.append(row)
             self.metrics.write(row)
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 self.metrics.progress(row)
+            if checkpointer is not None:
+                stop, save = self._agree(checkpointer.due(self.step))
+                if save or stop or self.step == t.steps:
+                    checkpointer.save(self)
+                if stop:
+                    break
         self.metrics.close()
         return rows
 

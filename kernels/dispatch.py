@@ -1,0 +1,115 @@
+"""Which path a kernel call takes (Triton or the PyTorch reference), and the launch counters.
+
+The rule, one place for every kernel:
+
+- CUDA tensors run the Triton kernel;
+- CPU tensors run the PyTorch reference, except when the kernels were decorated under
+  `TRITON_INTERPRET=1`: then the Triton kernel runs on CPU through the interpreter (that is how
+  the tests exercise it; the interpreter is ~100x slower than torch, never for production);
+- tensor subclasses (DTensor under tensor/sequence parallelism) run the reference, whose torch
+  ops DTensor knows how to shard; a Triton kernel would only see one rank's local shard;
+- without triton installed everything runs the reference: `import rapidnlp.kernels` never
+  needs triton.
+
+`TRITON_INTERPRET` is read by `@triton.jit` when a kernel module is imported, so the flag is
+captured here once, at import; setting it later changes nothing (and would not make the
+already-decorated kernels run on CPU). Launching without a GPU and without the interpreter
+raises "0 active drivers", which the `is_cuda` test avoids.
+
+Every Triton launch goes through `launch()`, which counts it per kernel name, so a test can
+assert that the fused path really ran rather than silently falling back to the reference.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+
+try:  # triton is a dependency only where it installs (linux)
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    HAVE_TRITON = False
+
+    class _NoTriton:
+        """Just enough of `triton` / `triton.language` for the kernel modules to define (never
+        run) their kernels: `@triton.jit` returns the function, `tl.constexpr` annotates."""
+
+        constexpr = object
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def next_power_of_2(n: int) -> int:
+            return 1 << max(0, int(n) - 1).bit_length()
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+    triton = tl = _NoTriton()
+
+INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+_launches: Counter = Counter()
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """True when this call should run the Triton kernel (see the module docstring)."""
+    if not HAVE_TRITON:
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in present):
+        return False
+    first = present[0]
+    return first.is_cuda or (INTERPRET and first.device.type == "cpu")
+
+
+def launch(name: str, kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), counted under `name`."""
+    _launches[name] += 1
+    kernel[grid](*args, **kwargs)
+
+
+def launch_counts() -> dict[str, int]:
+    """Triton launches per kernel since the last reset (forward and backward kernels apart)."""
+    return dict(_launches)
+
+
+def reset_launch_counts() -> None:
+    _launches.clear()
+
+
+def rows_per_program(block_n: int, rows: int) -> int:
+    """Rows one program handles for a row-wise kernel whose row tile is `block_n` wide.
+
+    On a GPU a few thousand elements per program keep registers in bounds; the interpreter runs
+    each program in Python, so it gets fat tiles (far fewer programs, the same numbers)."""
+    budget = 1 << 15 if INTERPRET else 4096
+    cap = triton.next_power_of_2(max(rows, 1))
+    return max(1, min(budget // block_n, cap, 128 if INTERPRET else 16))
+
+
+def num_warps_for(block_elems: int) -> int:
+    return max(1, min(16, block_elems // 256))
+
+
+def num_programs(blocks: int, device: torch.device) -> int:
+    """Programs of a persistent grid (each loops over row blocks), for kernels that reduce
+    per-column partial sums: a few per SM on a GPU, a handful in the interpreter."""
+    if device.type == "cuda":
+        return max(1, min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(blocks, 4))
+
+
+def tile_2d(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of an element-wise tile over a [rows, cols] view."""
+    max_n, budget = (4096, 1 << 15) if INTERPRET else (1024, 4096)
+    block_n = min(triton.next_power_of_2(max(cols, 1)), max_n)
+    block_m = max(1, min(budget // block_n, triton.next_power_of_2(max(rows, 1))))
+    return block_m, block_n

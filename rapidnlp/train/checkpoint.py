@@ -1,0 +1,272 @@
+"""Sharded, resumable checkpoints: the one place that knows the checkpoint layout.
+
+    <run_dir>/checkpoints/step_N/
+        .metadata, __*.distcp      DCP: model + optimizer, sharded as trained (reloads at any layout)
+        meta.json                  step, consumed samples/tokens, sampler, layout, file manifest
+        config.json                the resolved config
+        tokenizer.model            the sentencepiece model the run trained with
+        rng/rank_R.json            python, numpy, torch CPU (and CUDA) RNG states of rank R
+    <run_dir>/checkpoints/latest   "step_N", written last
+
+A checkpoint is written under a temporary name and renamed when complete; `latest` is
+replaced atomically after that, so a save killed midway leaves the previous one intact.
+Loading never unpickles code (rapidnlp/train/safe_dcp.py): tensors through DCP, everything
+else JSON. meta.json's manifest (size and CRC32 of every file) names a damaged file.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from rapidnlp.errors import UserError
+from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
+
+FORMAT_VERSION = 1
+
+
+def checkpoints_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_root(run_dir), f"step_{step}")
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint `latest` points to, or None when the run has none yet."""
+    pointer = os.path.join(checkpoints_root(run_dir), "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(checkpoints_root(run_dir), name)
+    if not os.path.isdir(path):
+        raise UserError(f"{pointer}: points to '{name}', which does not exist")
+    return path
+
+
+def resolve_resume(resume: str | None, run_dir: str) -> str | None:
+    """`--resume auto`: the run's latest checkpoint if any; `--resume PATH`: that checkpoint
+    (a run dir or its checkpoints/ folder resolves through its `latest`)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if not os.path.exists(resume):
+        raise UserError(f"{resume}: checkpoint not found")
+    for root in (resume, os.path.dirname(resume.rstrip("/"))):
+        if os.path.isfile(os.path.join(root, "checkpoints", "latest")):
+            return latest_checkpoint(root)
+    if os.path.isfile(os.path.join(resume, "latest")):
+        return latest_checkpoint(os.path.dirname(resume.rstrip("/")))
+    if not os.path.isfile(os.path.join(resume, "meta.json")):
+        raise UserError(f"{resume}: not a checkpoint folder (no meta.json)")
+    return resume
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _manifest(folder: str) -> dict:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if os.path.isfile(full) and name != "meta.json":
+            out[name] = {"bytes": os.path.getsize(full), "crc32": _crc32(full)}
+    return out
+
+
+def verify(path: str) -> dict:
+    """meta.json of a checkpoint whose files all match their manifest; else one clear error."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"{path}: not a checkpoint folder (no meta.json)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path}: corrupted ({e})") from None
+    for name, want in meta["files"].items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise UserError(f"{full}: missing from the checkpoint")
+        size = os.path.getsize(full)
+        if size != want["bytes"]:
+            raise UserError(f"{full}: truncated or damaged ({size} bytes, expected {want['bytes']})")
+        if _crc32(full) != want["crc32"]:
+            raise UserError(f"{full}: corrupted (checksum mismatch)")
+    return meta
+
+
+def check_shapes(path: str, expected: dict[str, torch.Size], prefix: str = "model.") -> None:
+    """Compare the checkpoint's tensor shapes with the model's; list the first mismatches."""
+    metadata = read_metadata(path)
+    stored = {
+        k[len(prefix):]: v.size for k, v in metadata.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
+    problems = []
+    for name, shape in expected.items():
+        if name not in stored:
+            problems.append(f"{name} missing (model has {tuple(shape)})")
+        elif tuple(stored[name]) != tuple(shape):
+            problems.append(f"{name}: checkpoint {tuple(stored[name])} vs model {tuple(shape)}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise UserError(f"{path}: checkpoint does not fit this model: {shown}")
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def layout(trainer) -> dict:
+    p = trainer.config.parallel
+    return {"pp": p.pp, "dp": p.dp, "tp": p.tp, "dp_mode": p.dp_mode, "world_size": dist.get_world_size()}
+
+
+class Checkpointer:
+    """Saves every `interval` steps and/or `minutes`, keeps the last `keep_last` (and every
+    `keep_every`-th permanently), and loads them back into a Trainer."""
+
+    def __init__(self, run_dir: str, *, interval: int = 0, minutes: float = 0.0, keep_last: int = 3,
+                 keep_every: int = 0, tokenizer: str | None = None):
+        self.run_dir = run_dir
+        self.interval = interval
+        self.minutes = minutes
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.tokenizer = tokenizer
+        self.last_save_time = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """This rank's opinion; the trainer all-reduces it so that every rank agrees."""
+        if self.interval and step % self.interval == 0:
+            return True
+        return bool(self.minutes) and time.monotonic() - self.last_save_time >= self.minutes * 60
+
+    def save(self, trainer) -> str:
+        rank = dist.get_rank()
+        final = step_dir(self.run_dir, trainer.step)
+        tmp = final + ".tmp"
+        if rank == 0:
+            os.makedirs(checkpoints_root(self.run_dir), exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
+            os.makedirs(os.path.join(tmp, "rng"))
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        with open(os.path.join(tmp, "rng", f"rank_{rank}.json"), "w") as f:
+            json.dump(rng_state(), f)
+        dist.barrier()
+        if rank == 0:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                f.write(trainer.config.to_json())
+            if self.tokenizer and os.path.isfile(self.tokenizer):
+                shutil.copyfile(self.tokenizer, os.path.join(tmp, "tokenizer.model"))
+            meta = {
+                "format": FORMAT_VERSION,
+                "step": trainer.step,
+                "consumed_samples": trainer.sampler.consumed_samples,
+                "consumed_tokens": trainer.sampler.consumed_samples * trainer.config.data.seq_len,
+                "sampler": trainer.sampler.state_dict(),
+                "layout": layout(trainer),
+                "saved_at": time.time(),
+                "files": _manifest(tmp) | {f"rng/{n}": v for n, v in _manifest(os.path.join(tmp, "rng")).items()},
+            }
+            _atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(os.path.join(checkpoints_root(self.run_dir), "latest"), os.path.basename(final))
+            self._prune(trainer.step)
+        dist.barrier()
+        self.last_save_time = time.monotonic()
+        return final
+
+    def _prune(self, current: int) -> None:
+        root = checkpoints_root(self.run_dir)
+        steps = sorted(
+            int(n[5:]) for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()
+        )
+        keep = set(steps[-self.keep_last:]) if self.keep_last > 0 else set(steps)
+        keep |= {s for s in steps if self.keep_every and s % self.keep_every == 0}
+        keep.add(current)
+        for s in steps:
+            if s not in keep:
+                shutil.rmtree(step_dir(self.run_dir, s), ignore_errors=True)
+
+    def load(self, trainer, path: str) -> dict:
+        """Restore model, optimizer, step, sampler and (same layout) RNG states from `path`."""
+        rank = dist.get_rank()
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        error = [None]
+        if rank == 0:
+            try:
+                verify(path)
+                check_shapes(path, {k: v.shape for k, v in model_sd.items() if isinstance(v, torch.Tensor)})
+            except UserError as e:
+                error = [str(e)]
+        dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise UserError(error[0])
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        trainer.step = meta["step"]
+        trainer.sampler.load_state_dict(meta["sampler"])
+        rng_file = os.path.join(path, "rng", f"rank_{rank}.json")
+        # RNG streams only mean something on the same layout (they drive dropout per rank).
+        if meta["layout"] == layout(trainer) and os.path.isfile(rng_file):
+            with open(rng_file) as f:
+                set_rng_state(json.load(f))
+        self.last_save_time = time.monotonic()
+        return meta
