@@ -27,6 +27,9 @@ _DCP_MODULES = (
 )
 _ALLOWED = {
     ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a name like "torch.strided" to the layout, nothing else
+    ("pathlib", "PosixPath"),  # the checkpoint id recorded in StorageMeta
+    ("pathlib", "WindowsPath"),
     ("collections", "OrderedDict"),
     ("builtins", "set"),
     ("builtins", "frozenset"),

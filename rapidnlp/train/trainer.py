@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,11 @@ from rapidnlp.pretrain.mlm import mlm_loss_sum
 from rapidnlp.train.checkpoint import Checkpointer
 from rapidnlp.train.flops import peak_flops, training_flops_per_sequence
 from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
+
+
+# Our logits come out of a Linear as a view and are never modified in place, which is the case
+# this FSDP2 warning is about.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def seed_everything(seed: int) -> None:
