@@ -1,4 +1,4 @@
-"""The `rapidnlp` command: prepare, pretrain, params.
+"""The `rapidnlp` command: prepare, pretrain, params, convert, ckpt.
 
 User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -134,6 +134,28 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from rapidnlp.convert import folders
+
+    if args.to == "hf":
+        stats = folders.export_hf(args.src, args.dst)
+        print(f"wrote {args.dst}: MegatronBertForMaskedLM ({stats['tensors']} tensors)"
+              + (", tokenizer.json" if stats["tokenizer"] else ", no tokenizer (the checkpoint has none)"))
+    else:
+        stats = folders.import_hf(args.src, args.dst)
+        print(f"wrote {args.dst}: native weights-only checkpoint ({stats['tensors']} tensors); "
+              f"start from it with `rapidnlp pretrain ... --resume {args.dst}`")
+    return 0
+
+
+def _ckpt(args: argparse.Namespace) -> int:
+    from rapidnlp.convert.folders import info
+    from rapidnlp.train.checkpoint import resolve_resume
+
+    print(info(resolve_resume(args.path, "")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidnlp", description="Distributed BERT-style pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter counts of the configs, computed on the meta device")
     p.add_argument("--config", help="one TOML config (default: every config in configs/)")
     p.add_argument("--vocab-size", type=int, default=30592, help="vocabulary for configs that take it from the tokenizer")
+    p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM)")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT")
+    direction.add_argument("--from", dest="from_", choices=["hf"], help="convert --from hf HF_DIR CKPT")
+    p.add_argument("src")
+    p.add_argument("dst")
+
+    p = sub.add_parser("ckpt", help="inspect checkpoints")
+    p.add_argument("action", choices=["info"])
+    p.add_argument("path", help="a checkpoint folder, or a run dir (its latest checkpoint)")
     return parser
 
 
@@ -166,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        if args.command == "prepare":
-            return _prepare(args)
-        return _params(args)
+        handlers = {"prepare": _prepare, "params": _params, "convert": _convert, "ckpt": _ckpt}
+        return handlers[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
 from rapidnlp.errors import UserError
 from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
@@ -85,6 +85,10 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: str, obj) -> None:
+    _atomic_write(path, json.dumps(obj, indent=1))
+
+
 def _crc32(path: str) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -93,13 +97,16 @@ def _crc32(path: str) -> int:
     return crc
 
 
-def _manifest(folder: str) -> dict:
+def manifest(folder: str) -> dict:
+    """Size and CRC32 of every file under folder (but meta.json, which holds this)."""
     out = {}
-    for name in sorted(os.listdir(folder)):
-        full = os.path.join(folder, name)
-        if os.path.isfile(full) and name != "meta.json":
-            out[name] = {"bytes": os.path.getsize(full), "crc32": _crc32(full)}
-    return out
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder)
+            if rel != "meta.json":
+                out[rel] = {"bytes": os.path.getsize(full), "crc32": _crc32(full)}
+    return dict(sorted(out.items()))
 
 
 def verify(path: str) -> dict:
@@ -217,9 +224,9 @@ class Checkpointer:
                 "sampler": trainer.sampler.state_dict(),
                 "layout": layout(trainer),
                 "saved_at": time.time(),
-                "files": _manifest(tmp) | {f"rng/{n}": v for n, v in _manifest(os.path.join(tmp, "rng")).items()},
+                "files": manifest(tmp),
             }
-            _atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+            write_json_atomic(os.path.join(tmp, "meta.json"), meta)
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -257,6 +264,10 @@ class Checkpointer:
             raise UserError(error[0])
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
+        if meta.get("kind") == "weights":  # imported (rapidnlp convert --from hf): a fresh run from these weights
+            dcp.load({"model": model_sd}, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+            set_model_state_dict(trainer.model, model_sd)
+            return meta
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
