@@ -21,6 +21,7 @@ assert that the fused path really ran rather than silently falling back to the r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -59,17 +60,30 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 _launches: Counter = Counter()
+_reference_only = False
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """True when this call should run the Triton kernel (see the module docstring)."""
-    if not HAVE_TRITON:
+    if not HAVE_TRITON or _reference_only:
         return False
     present = [t for t in tensors if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in present):
         return False
     first = present[0]
     return first.is_cuda or (INTERPRET and first.device.type == "cpu")
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run the PyTorch references inside this block, whatever the device: for debugging a
+    kernel, and for tests that compare the two paths on one model."""
+    global _reference_only
+    previous, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = previous
 
 
 def launch(name: str, kernel, grid, *args, **kwargs) -> None:
