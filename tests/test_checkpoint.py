@@ -51,6 +51,16 @@ def reference(pd_dataset, tmp_path_factory):
     return run_dir
 
 
+def test_keeps_the_last_three(reference):
+    ckpts = reference / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_4", "step_6", "step_8"]
+    assert (ckpts / "latest").read_text() == "step_8"
+    meta = json.loads((ckpts / "step_8" / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["consumed_tokens"] == 8 * 8 * 64
+    assert meta["layout"] == {"pp": 1, "dp": 2, "tp": 1, "dp_mode": "fsdp", "world_size": 2}
+    assert {"config.json", "tokenizer.model", ".metadata", "rng/rank_0.json", "rng/rank_1.json"} <= set(meta["files"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_exact_resume_after_kill_9(pd_dataset, reference, tmp_path):

@@ -1,0 +1,50 @@
+"""The launch scripts: their dry runs print the commands they would run, and scripts/pretrain.sh
+really trains through torchrun."""
+import json
+import subprocess
+
+import pytest
+
+from conftest import REPO, clean_env
+from rapidnlp.dist.bootstrap import free_port
+
+
+def dry_run(script, *args, **env):
+    res = subprocess.run(["bash", str(REPO / script), *args], env=clean_env(DRY_RUN="1", **env),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_torchrun_script_single_and_multi_node():
+    single = dry_run("scripts/pretrain.sh", "--train.steps", "5")
+    assert single.startswith("torchrun --nnodes 1 --node_rank 0 --nproc_per_node 1 ")
+    assert "--master_addr 127.0.0.1 --master_port 29500" in single
+    assert single.endswith("-m rapidnlp.cli pretrain --config configs/base.toml --resume auto --train.steps 5")
+    multi = dry_run("scripts/pretrain.sh", NNODES="4", NODE_RANK="2", MASTER_ADDR="gpu01", MASTER_PORT="1234",
+                    NPROC_PER_NODE="8", CONFIG="configs/1.5b.toml")
+    assert multi.startswith("torchrun --nnodes 4 --node_rank 2 --nproc_per_node 8 --master_addr gpu01 --master_port 1234")
+    assert "--config configs/1.5b.toml" in multi
+
+
+def test_sbatch_script():
+    text = (REPO / "scripts/slurm/pretrain.sbatch").read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --gpus-per-task=1" in text and "--signal=B:USR1@" in text
+    cmd = dry_run("scripts/slurm/pretrain.sbatch", "--parallel.tp", "8")
+    assert cmd == ("srun --kill-on-bad-exit=1 --cpu-bind=none python -m rapidnlp.cli pretrain "
+                   "--config configs/1.5b.toml --resume auto --parallel.tp 8")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_script_trains_and_resumes(pd_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--data.path", pd_dataset, "--train.run_dir", str(run_dir), "--train.eval_interval", "0",
+            "--data.seq_len", "64", "--train.global_batch", "8", "--train.micro_batch", "2"]
+    env = clean_env(NPROC_PER_NODE="2", CONFIG="configs/tiny.toml", MASTER_PORT=str(free_port()))
+    for steps in ("2", "3"):  # the second launch resumes (--resume auto) and does step 3 only
+        res = subprocess.run(["bash", str(REPO / "scripts/pretrain.sh"), *args, "--train.steps", steps],
+                             env=env, capture_output=True, text=True, timeout=250, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["resumed_from"] == 2
