@@ -9,6 +9,11 @@ The MLM head runs only at the masked positions (a fixed number per sequence, pad
 label -100), as NVIDIA's BERT does: the vocabulary projection is the largest matmul of a
 small BERT and most of its rows would be thrown away.
 
+With `model.fused_kernels = true` (rapidnlp/kernels): LayerNorms run the fused LayerNorm, the
+MLP's fc1 bias rides in the bias-GeLU kernel, and each residual branch's dropout and add are
+one kernel (the branches then skip their own dropout). Parameters and state_dict keys are the
+same either way. Attention stays on SDPA.
+
 This module knows nothing of parallelism: it imports nothing from torch.distributed.
 Attention reshapes with -1 heads so that column-parallel q/k/v (rapidnlp/parallel/) simply see
 fewer heads; the embedding/decoder tie is restored after sharding by `tie_weights()`.
@@ -21,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rapidnlp import kernels
 from rapidnlp.config import ModelConfig
+
+
+def layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    return (kernels.LayerNorm if cfg.fused_kernels else nn.LayerNorm)(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+def branch_dropout(cfg: ModelConfig) -> nn.Module:
+    # Fused: Block applies the residual dropout, in one kernel with the residual add.
+    return nn.Identity() if cfg.fused_kernels else nn.Dropout(cfg.dropout)
 
 
 class Embeddings(nn.Module):
@@ -50,7 +65,7 @@ class Attention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attention_dropout = cfg.attention_dropout
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = branch_dropout(cfg)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -72,21 +87,31 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_size)
         self.fc2 = nn.Linear(cfg.ffn_size, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = branch_dropout(cfg)
+        self.fused = cfg.fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A tp-sharded fc1 (its weight a DTensor) keeps its own forward, where its sharding hooks run.
+        if self.fused and type(self.fc1.weight) is nn.Parameter:
+            return self.dropout(self.fc2(kernels.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)))
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attention_norm = layer_norm(cfg)
         self.attention = Attention(cfg)
-        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp_norm = layer_norm(cfg)
         self.mlp = MLP(cfg)
+        self.fused = cfg.fused_kernels
+        self.residual_dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            p = self.residual_dropout
+            x = kernels.dropout_add(self.attention(self.attention_norm(x), key_mask), x, p, self.training)
+            return kernels.dropout_add(self.mlp(self.mlp_norm(x)), x, p, self.training)
         x = x + self.attention(self.attention_norm(x), key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -97,7 +122,7 @@ class MLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = layer_norm(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -116,7 +141,7 @@ class BertForMLM(nn.Module):
         # A dict keyed by layer number keeps parameter names stable when a pipeline stage
         # drops the layers it does not own.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_norm = layer_norm(cfg)
         self.lm_head = MLMHead(cfg)
         self.tie_weights()
         self.init_weights()
