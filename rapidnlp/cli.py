@@ -140,7 +140,9 @@ def _convert(args: argparse.Namespace) -> int:
     if args.to == "hf":
         stats = folders.export_hf(args.src, args.dst)
         print(f"wrote {args.dst}: MegatronBertForMaskedLM ({stats['tensors']} tensors)"
-              + (", tokenizer.json" if stats["tokenizer"] else ", no tokenizer (the checkpoint has none)"))
+              + (", tokenizer.json" if stats["tokenizer"] else ", no tokenizer (the checkpoint has none)")
+              + (f"; {len(stats['extras'])} pretraining-only tensors in pretraining_modules.safetensors"
+                 if stats["extras"] else ""))
     else:
         stats = folders.import_hf(args.src, args.dst)
         print(f"wrote {args.dst}: native weights-only checkpoint ({stats['tensors']} tensors); "

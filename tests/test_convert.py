@@ -52,7 +52,8 @@ def test_transformers_loads_export_and_matches_our_logits(trained, exported):
     hf = AutoModelForMaskedLM.from_pretrained(exported).eval()
     assert isinstance(hf, MegatronBertForMaskedLM)
     tok = AutoTokenizer.from_pretrained(exported)
-    config, state = read_native(str(trained))
+    config, state, extras = read_native(str(trained))
+    assert extras == {}
     ours = BertForMLM(config.model).eval()
     ours.load_state_dict(state)
 
@@ -93,8 +94,8 @@ def test_round_trip_native_hf_native_is_exact(trained, exported, tmp_path):
     back = tmp_path / "back"
     res = run_cli("convert", "--from", "hf", str(exported), str(back))
     assert res.returncode == 0, res.stderr[-3000:]
-    cfg_a, a = read_native(str(trained))
-    cfg_b, b = read_native(str(back))
+    cfg_a, a, _ = read_native(str(trained))
+    cfg_b, b, _ = read_native(str(back))
     assert cfg_a.model == cfg_b.model
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -129,3 +130,26 @@ def test_bad_folders(tmp_path):
     res = run_cli("convert", "--to", "hf", str(tmp_path), str(tmp_path / "y"))
     assert res.returncode == 2 and "not a checkpoint" in res.stderr
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pretraining_only_modules_are_saved_beside(trained, tmp_path):
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from rapidnlp.convert.folders import read_native
+    from rapidnlp.train.checkpoint import manifest, write_json_atomic
+
+    _, state, _ = read_native(str(trained))
+    gate = torch.randn(128, 64)
+    ckpt = tmp_path / "with_fusion"
+    dcp.save({"model": {**state, "knowledge_fusion.gate.weight": gate}}, checkpoint_id=str(ckpt), no_dist=True)
+    shutil.copyfile(trained / "config.json", ckpt / "config.json")
+    write_json_atomic(str(ckpt / "meta.json"), {"step": 2, "layout": None, "files": manifest(str(ckpt))})
+    out = tmp_path / "hf"
+    res = run_cli("convert", "--to", "hf", str(ckpt), str(out))
+    assert res.returncode == 0 and "1 pretraining-only tensors" in res.stdout, res.stderr[-2000:]
+    assert torch.equal(load_file(out / "pretraining_modules.safetensors")["knowledge_fusion.gate.weight"], gate)

@@ -27,6 +27,9 @@ from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+PRETRAINING_MODULES = "pretraining_modules.safetensors"
+
+
 def load_config_json(path: str) -> Config:
     config = Config()
     try:
@@ -40,20 +43,27 @@ def load_config_json(path: str) -> Config:
     return config
 
 
-def read_native(path: str) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The config and full (unsharded) model weights of a native checkpoint."""
+def read_native(path: str) -> tuple[Config, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The config, the full (unsharded) encoder weights, and any other model tensors of a native
+    checkpoint (pretraining-only modules such as knowledge fusion), which no HF class holds."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     verify(path)
     config = load_config_json(os.path.join(path, "config.json"))
     with torch.device("meta"):
         shapes = BertForMLM(config.model).state_dict()
     check_shapes(path, {k: v.shape for k, v in shapes.items()})
-    stored = set(read_metadata(path).state_dict_metadata)
+    stored = {
+        k[len("model."):]: v for k, v in read_metadata(path).state_dict_metadata.items()
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+    }
     model = BertForMLM(config.model)
-    state = {k: v for k, v in model.state_dict().items() if f"model.{k}" in stored}
-    dcp.load({"model": state}, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    state = {k: v for k, v in model.state_dict().items() if k in stored}
+    extras = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in stored.items() if k not in shapes}
+    dcp.load({"model": {**state, **extras}}, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
     model.load_state_dict(state, strict=False)
     model.tie_weights()
-    return config, model.state_dict()
+    return config, model.state_dict(), extras
 
 
 def _fresh(out: str) -> str:
@@ -76,7 +86,7 @@ def export_hf(ckpt: str, out: str) -> dict:
 
     from rapidnlp.convert.hf_tokenizer import save_fast_tokenizer
 
-    config, state = read_native(ckpt)
+    config, state, extras = read_native(ckpt)
     tmp = _fresh(out)
     try:
         hf = MegatronBertForMaskedLM(hf_config(config.model))
@@ -87,11 +97,16 @@ def export_hf(ckpt: str, out: str) -> dict:
             save_fast_tokenizer(tokenizer, tmp)
         with open(os.path.join(tmp, "rapidnlp_config.json"), "w") as f:
             f.write(config.to_json())
+        if extras:  # kept beside the HF model, never dropped silently
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in extras.items()}, os.path.join(tmp, PRETRAINING_MODULES))
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"tensors": len(state), "tokenizer": os.path.isfile(os.path.join(out, "tokenizer.json"))}
+    return {"tensors": len(state), "extras": sorted(extras),
+            "tokenizer": os.path.isfile(os.path.join(out, "tokenizer.json"))}
 
 
 def _model_config_from_hf(hf_dir: str) -> ModelConfig:
