@@ -9,7 +9,8 @@ checkpointing, which restores the CPU RNG state before recomputing, redraws the 
 
 The bias is optional: with bias=None this is dropout + residual add, for a linear whose bias
 already rides in its GEMM (cuBLAS adds it in the epilogue for free). Element indices are int64,
-so the mask does not repeat below 2^64 elements.
+so the mask does not repeat below 2^64 elements. The reference's Philox costs ~100 int64 torch
+ops per element: a fused model with dropout on CPU is correct but slower than nn.Dropout.
 """
 from __future__ import annotations
 
