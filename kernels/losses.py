@@ -235,7 +235,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += torch.where(valid[rows], lse - tgt, 0.0).sum()
             dlogits = _grad(logits, y_c, lse, row_weights[rows].contiguous(), vocab_start, out=logits)
             torch.mm(dlogits, w, out=dh[rows])
-            if dw is not None:
+            if dw is not None and dw.dtype == dtype:
+                dw.addmm_(dlogits.t(), h_c)
+            elif dw is not None:  # low-precision GEMM, fp32 accumulation across chunks
                 dw += (dlogits.t() @ h_c).float()
             if db is not None:
                 db += dlogits.float().sum(0)

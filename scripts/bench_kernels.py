@@ -27,7 +27,6 @@ the Triton kernels through the interpreter, checked against the references), and
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass
