@@ -77,7 +77,7 @@ def _run_worker(config, resume: str | None) -> int:
 
         p, c = config.parallel, config.checkpoint
         resume_path = resolve_resume(resume, config.train.run_dir)
-        dims = ParallelDims.build(p.pp, p.dp, p.tp)
+        dims = ParallelDims.from_config(p)
         trainer = Trainer(config, dims)
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption: save, then exit 0
             signal.signal(sig, trainer.request_stop)

@@ -51,9 +51,15 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 0  # 0: whatever the world size leaves after tp and pp
-    dp_mode: str = "fsdp"  # fsdp | ddp
+    dp_mode: str = "fsdp"  # fsdp | ddp; shorthand for zero = 3 | 0 when zero is not set
+    zero: int = -1  # 0: DDP, 1: + sharded optimizer state, 2: + sharded gradients, 3: + sharded parameters (FSDP)
+    hsdp_shard: int = 0  # HSDP (zero 2/3): shard within groups of this many dp ranks, replicate across; 0: off
+    cpu_offload: bool = False  # zero 3: parameters, gradients and optimizer state live in CPU memory
     sequence_parallel: bool = True  # only meaningful with tp > 1
     loss_parallel: bool = True  # vocab-parallel cross-entropy; only meaningful with tp > 1
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b | zero_bubble | zbv; only with pp > 1
+    pp_virtual_stages: int = 1  # stages per pp rank (interleaved1f1b, zero_bubble; zbv needs 2)
+    pp_split: str = ""  # layers per stage, e.g. "3,5,5,3"; "": balanced by a FLOPs estimate
 
 
 @dataclass
@@ -72,7 +78,11 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float = 1e-6
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still reported)
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
+    loss_scale: float = 65536.0  # fp16: initial loss scale
+    loss_scale_window: int = 1000  # fp16: grow the scale x2 after this many steps without inf/nan
+    activation_checkpoint: str = "none"  # none | full | selective (attention core only)
+    activation_checkpoint_every: int = 1  # full: checkpoint every k-th block
     run_dir: str = "runs/default"
     eval_interval: int = 0  # 0: no validation
     eval_batches: int = 2
@@ -228,10 +238,25 @@ def resolve_layout(config: Config, world_size: int) -> None:
             f"parallel.pp ({p.pp}) x parallel.dp ({p.dp}) x parallel.tp ({p.tp}) = {p.pp * p.dp * p.tp}, "
             f"but the world size is {world_size}"
         )
-    if p.pp > 1:
-        raise UserError("parallel.pp > 1: pipeline parallelism is not available yet; use parallel.pp = 1")
     if p.dp_mode not in ("fsdp", "ddp"):
         raise UserError(f"parallel.dp_mode = '{p.dp_mode}': choose fsdp or ddp")
+    if p.zero == -1:
+        p.zero = 3 if p.dp_mode == "fsdp" else 0
+    if p.zero not in (0, 1, 2, 3):
+        raise UserError(f"parallel.zero = {p.zero}: choose 0, 1, 2 or 3")
+    p.dp_mode = "fsdp" if p.zero >= 2 else "ddp"
+    if p.zero == 1 and p.tp > 1:
+        raise UserError(
+            "parallel.zero = 1 with parallel.tp > 1: torch 2.13's ZeroRedundancyOptimizer cannot hold DTensor "
+            "parameters; use parallel.zero = 2 (sharded gradients and optimizer state)"
+        )
+    if p.hsdp_shard:
+        if p.zero < 2:
+            raise UserError(f"parallel.hsdp_shard = {p.hsdp_shard} needs parallel.zero = 2 or 3")
+        if p.dp % p.hsdp_shard:
+            raise UserError(f"parallel.dp ({p.dp}) is not divisible by parallel.hsdp_shard ({p.hsdp_shard})")
+    if p.cpu_offload and p.zero != 3:
+        raise UserError("parallel.cpu_offload needs parallel.zero = 3 (FSDP2's CPUOffloadPolicy)")
     if m.num_heads % p.tp:
         raise UserError(f"model.num_heads ({m.num_heads}) is not divisible by parallel.tp ({p.tp})")
     if m.hidden_size % m.num_heads:
@@ -256,14 +281,20 @@ def resolve_layout(config: Config, world_size: int) -> None:
             f"train.global_batch ({t.global_batch}) is not divisible by train.micro_batch ({t.micro_batch}) "
             f"x parallel.dp ({p.dp}); global batch = micro batch x accumulation steps x dp"
         )
-    if t.precision not in ("fp32", "bf16"):
-        raise UserError(f"train.precision = '{t.precision}': choose fp32 or bf16")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"train.precision = '{t.precision}': choose fp32, bf16 or fp16")
+    if t.activation_checkpoint not in ("none", "full", "selective"):
+        raise UserError(f"train.activation_checkpoint = '{t.activation_checkpoint}': choose none, full or selective")
+    if t.activation_checkpoint_every < 1:
+        raise UserError("train.activation_checkpoint_every must be at least 1")
     if t.optimizer not in ("adamw", "lamb"):
         raise UserError(f"train.optimizer = '{t.optimizer}': choose adamw or lamb")
     if t.lr_decay not in ("linear", "cosine", "constant"):
         raise UserError(f"train.lr_decay = '{t.lr_decay}': choose linear, cosine or constant")
     if not 0.0 < config.data.mask_prob < 1.0:
         raise UserError(f"data.mask_prob ({config.data.mask_prob}) must be between 0 and 1")
+    if p.pp > 1:
+        _check_pipeline(config)
 
 
 def accumulation_steps(config: Config) -> int:
@@ -274,3 +305,60 @@ def accumulation_steps(config: Config) -> int:
 def max_predictions(config: Config) -> int:
     d = config.data
     return d.max_predictions or math.ceil(d.mask_prob * d.seq_len) + 2
+
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zero_bubble", "zbv")
+
+
+def pp_split_counts(p: ParallelConfig) -> list[int]:
+    """parallel.pp_split as layer counts per stage ("3,5" or a TOML array "[3, 5]"); [] when unset."""
+    text = p.pp_split.strip().strip("[]")
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"parallel.pp_split = '{p.pp_split}': expected layer counts per stage, e.g. '3,5,5,3'") from None
+
+
+def _check_pipeline(config: Config) -> None:
+    """Pipeline layout arithmetic (pp > 1): schedule, stages, layer split, micro-batches."""
+    m, p = config.model, config.parallel
+    if p.pp_schedule not in PP_SCHEDULES:
+        raise UserError(f"parallel.pp_schedule = '{p.pp_schedule}': choose {', '.join(PP_SCHEDULES)}")
+    v = p.pp_virtual_stages
+    if v < 1:
+        raise UserError(f"parallel.pp_virtual_stages = {v}: must be at least 1")
+    if p.pp_schedule in ("gpipe", "1f1b") and v != 1:
+        raise UserError(
+            f"parallel.pp_virtual_stages = {v} needs an interleaved schedule: set parallel.pp_schedule "
+            "to interleaved1f1b or zero_bubble, or parallel.pp_virtual_stages = 1"
+        )
+    if p.pp_schedule == "zbv" and v != 2:
+        raise UserError(f"parallel.pp_schedule = zbv places exactly 2 stages per rank: set parallel.pp_virtual_stages = 2")
+    stages = p.pp * v
+    counts = pp_split_counts(p)
+    if counts:
+        if len(counts) != stages or min(counts) < 1 or sum(counts) != m.num_layers:
+            raise UserError(
+                f"parallel.pp_split = '{p.pp_split}': needs {stages} counts (parallel.pp x parallel.pp_virtual_stages), "
+                f"each at least 1, summing to model.num_layers ({m.num_layers})"
+            )
+    elif m.num_layers % stages:
+        raise UserError(
+            f"model.num_layers ({m.num_layers}) is not divisible by parallel.pp ({p.pp}) x parallel.pp_virtual_stages "
+            f"({v}); change them or give explicit layer counts per stage in parallel.pp_split"
+        )
+    n = accumulation_steps(config)
+    needs = {"1f1b": p.pp, "interleaved1f1b": p.pp, "zero_bubble": p.pp, "zbv": p.pp}.get(p.pp_schedule, 1)
+    if n < needs:
+        raise UserError(
+            f"{n} micro-batches per step (train.global_batch / (train.micro_batch x parallel.dp)) but "
+            f"parallel.pp_schedule = {p.pp_schedule} needs at least parallel.pp ({p.pp}); "
+            "raise train.global_batch or lower train.micro_batch"
+        )
+    if p.pp_schedule in ("interleaved1f1b", "zero_bubble") and n % p.pp:
+        raise UserError(
+            f"{n} micro-batches per step (train.global_batch / (train.micro_batch x parallel.dp)) is not a multiple "
+            f"of parallel.pp ({p.pp}), which parallel.pp_schedule = {p.pp_schedule} needs"
+        )

@@ -34,7 +34,7 @@ def worker(args) -> None:
     config = load_config(args.config, overrides)
     resolve_layout(config, env.world_size)
     p = config.parallel
-    trainer = Trainer(config, ParallelDims.build(p.pp, p.dp, p.tp), stream=open(os.devnull, "w"))
+    trainer = Trainer(config, ParallelDims.from_config(p), stream=open(os.devnull, "w"))
     trainer.train_step()
     ckpt = Checkpointer(args.run_dir, keep_last=1, tokenizer=config.data.tokenizer)
     saves = []

@@ -3,7 +3,10 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# Before anything imports triton: kernels run in Triton's interpreter on CPU (ARCHITECTURE.md).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up hangs on these machines
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -57,7 +57,7 @@ def test_keeps_the_last_three(reference):
     assert (ckpts / "latest").read_text() == "step_8"
     meta = json.loads((ckpts / "step_8" / "meta.json").read_text())
     assert meta["step"] == 8 and meta["consumed_tokens"] == 8 * 8 * 64
-    assert meta["layout"] == {"pp": 1, "dp": 2, "tp": 1, "dp_mode": "fsdp", "world_size": 2}
+    assert meta["layout"] == {"pp": 1, "dp": 2, "tp": 1, "dp_mode": "fsdp", "zero": 3, "hsdp_shard": 0, "world_size": 2}
     assert {"config.json", "tokenizer.model", ".metadata", "rng/rank_0.json", "rng/rank_1.json"} <= set(meta["files"])
 
 

@@ -3,7 +3,7 @@
     python tests/train_worker.py SPEC.json OUT.json
 
 SPEC: {"data": PREFIX, "base": {"section.field": value, ...},
-       "runs": [{"name": ..., "overrides": {...}}, ...], "dense_twin": bool}
+       "runs": [{"name": ..., "overrides": {...}, "dense_twin": bool, "inject_inf_at_step": k}, ...]}
 Rank 0 writes OUT: {name: [metric rows]} and, with dense_twin, the TP-vs-dense comparison.
 Every rank ends through shutdown(), never through interpreter exit (ARCHITECTURE.md).
 """
@@ -48,8 +48,8 @@ def dense_twin_check(config: Config, world: int) -> dict:
     dense = BertForMLM(config.model)
     torch.manual_seed(0)
     model = BertForMLM(config.model)
-    dims = ParallelDims.build(1, config.parallel.dp, config.parallel.tp)
-    model = parallelize(model, dims, config.parallel)
+    dims = ParallelDims.from_config(config.parallel)
+    model = parallelize(model, dims, config.parallel, config.train)
 
     dense_logits = dense(*args)
     mlm_loss_sum(dense_logits, batch["mlm_labels"]).backward()
@@ -79,6 +79,17 @@ def dense_twin_check(config: Config, world: int) -> dict:
     }
 
 
+def inject_inf(trainer, step: int) -> None:
+    """Make the loss of optimizer step `step` (1-based) infinite, as an fp16 overflow would."""
+    forward_loss = trainer._forward_loss
+
+    def patched(batch):
+        loss = forward_loss(batch)
+        return loss * float("inf") if trainer.step == step - 1 else loss
+
+    trainer._forward_loss = patched
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     env = init_distributed(timeout_s=120)
@@ -94,7 +105,9 @@ def main() -> None:
             from rapidnlp.train.trainer import Trainer
 
             p = config.parallel
-            trainer = Trainer(config, ParallelDims.build(p.pp, p.dp, p.tp), stream=open("/dev/null", "w"))
+            trainer = Trainer(config, ParallelDims.from_config(p), stream=open("/dev/null", "w"))
+            if "inject_inf_at_step" in run:
+                inject_inf(trainer, run["inject_inf_at_step"])
             out[run["name"]] = trainer.fit()
         if env.rank == 0:
             with open(sys.argv[2], "w") as f:

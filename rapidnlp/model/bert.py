@@ -54,6 +54,21 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
 
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v, through SDPA. A module of its own, without parameters,
+    so that selective activation checkpointing can recompute just this (Megatron's choice: the
+    attention core's activations grow with s^2 and cost the fewest FLOPs to redo)."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q, k, v, key_mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )
+
+
 class Attention(nn.Module):
     """Self-attention through SDPA; returns the projected output, without the residual."""
 
@@ -64,7 +79,7 @@ class Attention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.attention_dropout = cfg.attention_dropout
+        self.core = AttentionCore(cfg.attention_dropout)
         self.dropout = branch_dropout(cfg)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -74,11 +89,7 @@ class Attention(nn.Module):
             return t.view(b, s, -1, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask[:, None, None, :],
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
-        out = out.transpose(1, 2).reshape(b, s, -1)
+        out = self.core(q, k, v, key_mask).transpose(1, 2).reshape(b, s, -1)
         return self.dropout(self.dense(out))
 
 

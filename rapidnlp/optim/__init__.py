@@ -19,13 +19,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, *, zero1_group=None) -> torch.optim.Optimizer:
+    """AdamW or LAMB; with zero1_group (ZeRO stage 1) wrapped in torch's ZeroRedundancyOptimizer,
+    which gives each dp rank the optimizer state of a 1/dp share of the parameters."""
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "lamb":
-        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True if on_cuda else None)
+        cls, kwargs = Lamb, dict(lr=cfg.lr, betas=betas, eps=cfg.eps)
+    else:
+        on_cuda = next(model.parameters()).is_cuda
+        cls, kwargs = torch.optim.AdamW, dict(lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True if on_cuda else None)
+    if zero1_group is None:
+        return cls(groups, **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    # LAMB's per-tensor trust ratios stay exact: ZeRO-1 partitions whole tensors, it does not split them.
+    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=zero1_group, **kwargs)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,4 +1,5 @@
-"""Turns a plain model into a parallel one: tensor/sequence parallelism, then data parallelism.
+"""Turns a plain model into a parallel one: tensor/sequence parallelism, activation
+checkpointing, then data parallelism.
 
 The order matters (ARCHITECTURE.md): TP first (DTensors over the tp axis), then FSDP/replicate
 over the dp axis, which composes with the tp DTensors into 2-D ones.
@@ -7,22 +8,25 @@ from __future__ import annotations
 
 from torch import nn
 
-from rapidnlp.config import ParallelConfig
+from rapidnlp.config import ParallelConfig, TrainConfig
 from rapidnlp.dist.mesh import ParallelDims
 from rapidnlp.model.bert import BertForMLM
+from rapidnlp.parallel.activation_checkpoint import apply_activation_checkpointing
 from rapidnlp.parallel.data_parallel import apply_ddp, apply_fsdp
 from rapidnlp.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: BertForMLM, dims: ParallelDims, cfg: ParallelConfig) -> nn.Module:
+def parallelize(model: BertForMLM, dims: ParallelDims, cfg: ParallelConfig, train: TrainConfig) -> nn.Module:
     if dims.tp_enabled:
         apply_tensor_parallel(
             model, dims.mesh["tp"], sequence_parallel=cfg.sequence_parallel, loss_parallel=cfg.loss_parallel
         )
-    if dims.dp_enabled:
-        if cfg.dp_mode == "fsdp":
-            return apply_fsdp(model, dims.mesh["dp"])
-        return apply_ddp(model, dims.mesh["dp"], has_dtensors=dims.tp_enabled)
+    apply_activation_checkpointing(model, train.activation_checkpoint, train.activation_checkpoint_every)
+    if dims.dp_enabled or cfg.cpu_offload:
+        if cfg.zero >= 2:
+            return apply_fsdp(model, dims.fsdp_mesh, reshard_after_forward=cfg.zero == 3, cpu_offload=cfg.cpu_offload)
+        # Pipeline stages need the composable replicate too: DDP's reducer asserts under Interleaved1F1B.
+        return apply_ddp(model, dims.mesh["dp"], has_dtensors=dims.tp_enabled or dims.pp_enabled)
     return model
 
 

@@ -174,7 +174,8 @@ def set_rng_state(state: dict) -> None:
 
 def layout(trainer) -> dict:
     p = trainer.config.parallel
-    return {"pp": p.pp, "dp": p.dp, "tp": p.tp, "dp_mode": p.dp_mode, "world_size": dist.get_world_size()}
+    return {"pp": p.pp, "dp": p.dp, "tp": p.tp, "dp_mode": p.dp_mode, "zero": p.zero,
+            "hsdp_shard": p.hsdp_shard, "world_size": dist.get_world_size()}
 
 
 class Checkpointer:
@@ -223,6 +224,7 @@ class Checkpointer:
                 "consumed_tokens": trainer.sampler.consumed_samples * trainer.config.data.seq_len,
                 "sampler": trainer.sampler.state_dict(),
                 "layout": layout(trainer),
+                "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None,
                 "saved_at": time.time(),
                 "files": manifest(tmp),
             }
@@ -274,6 +276,8 @@ class Checkpointer:
                        optim_state_dict=state["optim"])
         trainer.step = meta["step"]
         trainer.sampler.load_state_dict(meta["sampler"])
+        if trainer.scaler and meta.get("loss_scaler"):
+            trainer.scaler.load_state_dict(meta["loss_scaler"])
         rng_file = os.path.join(path, "rng", f"rank_{rank}.json")
         # RNG streams only mean something on the same layout (they drive dropout per rank).
         if meta["layout"] == layout(trainer) and os.path.isfile(rng_file):

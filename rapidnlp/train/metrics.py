@@ -58,13 +58,17 @@ class MetricsWriter:
         val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
         print(
             f"step {step}/{self.total_steps} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
-            f"grad_norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | ETA {eta}",
+            f"grad_norm {_num(row['grad_norm'])} | {row['tokens_per_s']:,.0f} tok/s | ETA {eta}",
             file=self.stream, flush=True,
         )
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _num(value) -> str:
+    return "skipped" if value is None else f"{value:.3f}"
 
 
 def _duration(seconds: float) -> str:

@@ -31,12 +31,14 @@ from rapidnlp.dist.mesh import ParallelDims
 from rapidnlp.errors import UserError
 from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim import build_optimizer, lr_at
+from rapidnlp.optim.loss_scale import DynamicLossScaler
 from rapidnlp.optim.norms import clip_grad_norm_
 from rapidnlp.parallel import parallelize, uses_loss_parallel
 from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
 from rapidnlp.pretrain.mlm import mlm_loss_sum
 from rapidnlp.train.checkpoint import Checkpointer
 from rapidnlp.train.flops import peak_flops, training_flops_per_sequence
+from rapidnlp.train.memory import ActivationCounter, optimizer_state_bytes, tensor_bytes
 from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
 
 
@@ -117,9 +119,12 @@ class Trainer:
         t = config.train
         seed_everything(t.seed)  # identical initial weights on every rank
         model = BertForMLM(config.model).to(self.device)
-        self.model = parallelize(model, dims, config.parallel)
-        self.optimizer = build_optimizer(self.model, t)
+        self.model = parallelize(model, dims, config.parallel, t)
+        zero1 = dims.mesh["dp"].get_group() if config.parallel.zero == 1 and dims.dp_enabled else None
+        self.optimizer = build_optimizer(self.model, t, zero1_group=zero1)
         self.loss_parallel = uses_loss_parallel(dims, config.parallel)
+        self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window) if t.precision == "fp16" else None
+        self.activations = ActivationCounter()
         self.sampler = GlobalBatchSampler(
             len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=t.seed,
@@ -142,8 +147,10 @@ class Trainer:
         return {k: v.to(self.device) for k, v in builder.collate(indices).items()}
 
     def _autocast(self):
-        if self.config.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """bf16/fp16 compute under autocast; the parameters (the master weights) stay fp32."""
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        if self.config.train.precision in dtypes:
+            return torch.autocast(self.device.type, dtype=dtypes[self.config.train.precision])
         return contextlib.nullcontext()
 
     def _loss_context(self):
@@ -160,6 +167,20 @@ class Trainer:
         count = sum((b["mlm_labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float32)
         return _reduce_dp(count, self.dims)
 
+    def _forward_backward(self, batches, global_count: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches; returns their summed token loss."""
+        # The loss is a mean over the global batch; dp wrappers average gradients over dp ranks,
+        # so each rank's share is scaled by dp to make that average the sum.
+        scale = self.dims.dp / global_count * (self.scaler.scale if self.scaler else 1.0)
+        loss_total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            with _gradient_sync(self.model, i == len(batches) - 1), self._loss_context():
+                with self.activations.track() if i == 0 else contextlib.nullcontext():
+                    loss_sum = self._forward_loss(batch)
+                (loss_sum * scale).backward()
+            loss_total += _scalar(loss_sum).detach()
+        return loss_total
+
     def train_step(self) -> dict:
         t = self.config.train
         started = time.perf_counter()
@@ -168,25 +189,21 @@ class Trainer:
             group["lr"] = lr
         batches = [self._batch(self.data.train, idx) for idx in self.sampler.next_step()]
         global_count = self._global_count(batches)
-        # The loss is a mean over the global batch; dp wrappers average gradients over dp ranks,
-        # so each rank's share is scaled by dp to make that average the sum.
-        scale = self.dims.dp / global_count
-        loss_total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
-            with _gradient_sync(self.model, i == len(batches) - 1), self._loss_context():
-                loss_sum = self._forward_loss(batch)
-                (loss_sum * scale).backward()
-            loss_total += _scalar(loss_sum).detach()
+        loss_total = self._forward_backward(batches, global_count)
         params = list(self.model.parameters())
         reduce_partial_grads(params)
-        grad_norm = clip_grad_norm_(params, t.clip_grad)
-        self.optimizer.step()
+        memory = {"mem_params_bytes": tensor_bytes(params), "mem_grads_bytes": tensor_bytes(p.grad for p in params),
+                  "mem_activation_bytes": self.activations.bytes}
+        overflow = self.scaler.unscale_and_check([p.grad for p in params if p.grad is not None]) if self.scaler else False
+        grad_norm = None if overflow else clip_grad_norm_(params, t.clip_grad)
+        if not overflow:  # fp16 overflow: skip the update, the scaler backs off
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = _reduce_dp(loss_total, self.dims) / global_count
         self.step += 1
         elapsed = time.perf_counter() - started
         tflops = self.flops_per_step / elapsed / dist.get_world_size() / 1e12
-        return {
+        row = {
             "step": self.step,
             "loss": float(loss),
             "lr": lr,
@@ -195,7 +212,14 @@ class Trainer:
             "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak if self.peak else None,
             "peak_mem_bytes": peak_memory_bytes(self.device),
+            **memory,
+            "mem_optimizer_bytes": optimizer_state_bytes(self.optimizer),
         }
+        if self.scaler:
+            row["loss_scale"] = self.scaler.scale  # the scale this step ran with
+            self.scaler.update(overflow)
+            row["skipped_steps"] = self.scaler.skipped_steps
+        return row
 
     @torch.no_grad()
     def evaluate(self) -> float:
