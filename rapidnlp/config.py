@@ -250,6 +250,11 @@ def resolve_layout(config: Config, world_size: int) -> None:
             "parallel.zero = 1 with parallel.tp > 1: torch 2.13's ZeroRedundancyOptimizer cannot hold DTensor "
             "parameters; use parallel.zero = 2 (sharded gradients and optimizer state)"
         )
+    if p.zero == 1 and p.dp > 1 and config.checkpoint.enabled:
+        raise UserError(
+            "parallel.zero = 1 cannot checkpoint yet (torch 2.13's distributed state dict cannot read or write "
+            "ZeroRedundancyOptimizer's partitions); use parallel.zero = 2, or set checkpoint.enabled = false"
+        )
     if p.hsdp_shard:
         if p.zero < 2:
             raise UserError(f"parallel.hsdp_shard = {p.hsdp_shard} needs parallel.zero = 2 or 3")

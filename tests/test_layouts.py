@@ -22,6 +22,7 @@ def base_overrides(run_dir) -> dict:
         "train.steps": STEPS, "train.global_batch": 8, "train.micro_batch": 2, "train.seed": 7,
         "train.warmup_steps": 2, "train.lr": 2e-3, "train.precision": "fp32", "train.log_interval": 1000,
         "train.run_dir": str(run_dir), "data.seq_len": 64, "model.max_position_embeddings": 64,
+        "checkpoint.enabled": False,  # the worker drives the Trainer without a Checkpointer
     }
 
 
