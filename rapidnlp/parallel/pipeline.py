@@ -349,8 +349,10 @@ class Pipeline:
     def _loss_fn(self, output, labels):
         logits, aux = output if self.aux_names else (output, None)
         mlm = mlm_loss_sum(logits, labels)
+        if isinstance(mlm, DTensor):  # loss_parallel: a replicated DTensor; plain, so aux losses add to it
+            mlm = mlm.full_tensor()
         loss = mlm * self._scale
-        values = [mlm.full_tensor() if isinstance(mlm, DTensor) else mlm]
+        values = [mlm]
         if aux is not None:
             loss = loss + aux.sum() * self._aux_scale
             values.extend(aux)
@@ -431,6 +433,11 @@ class Pipeline:
         copies = [q for q in self._tied if q.grad is not None]
         if not copies:
             return
+        for q in copies:
+            # Under TP the embedding's gradient arrives replicated, the decoder's sharded like the
+            # weight: bring both to the weight's layout (a local slice) so the shards line up.
+            if isinstance(q.grad, DTensor) and q.grad.placements != q.placements:
+                q.grad = q.grad.redistribute(placements=q.placements)
         total = local_tensor(copies[0].grad).clone()
         for q in copies[1:]:
             total += local_tensor(q.grad)
