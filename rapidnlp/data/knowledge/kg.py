@@ -58,7 +58,8 @@ class IngestReport:
             self.examples[kind].append((path, lineno))
 
     def summary(self) -> str:
-        s = (f"knowledge graph: {self.lines} lines read, {self.triples} triples, {self.alias_pairs} "
+        read = f"{self.lines} lines read, " if self.lines else ""
+        s = (f"knowledge graph: {read}{self.triples} triples, {self.alias_pairs} "
              f"alias pairs; skipped {self.wrong_fields} with a wrong field count, {self.empty_field} "
              f"with an empty field, {self.not_utf8} not UTF-8, {self.duplicate} duplicate triples")
         for kind in _KINDS:
