@@ -288,14 +288,13 @@ public:
         }
     }
 
-    // Leftmost-longest, non-overlapping matches of one UTF-8 text, appended to out as character
-    // spans. best is scratch space (one slot per byte). Returns false on invalid UTF-8, with
-    // *bad_offset the byte offset.
-    bool scan(const uint8_t* text, size_t n, std::vector<int32_t>& best, std::vector<Match>& out,
+    // Leftmost-longest, non-overlapping matches of one text, appended to out as character spans.
+    // Src yields code points (-1: invalid input). best is scratch space, one slot per character
+    // (max_chars bounds them). Returns false on invalid input, with *bad_offset from src.
+    template <typename Src>
+    bool scan(Src src, size_t max_chars, std::vector<int32_t>& best, std::vector<Match>& out,
               size_t* bad_offset) const {
-        if (best.size() < n + 1) best.resize(n + 1);
-        const uint8_t* p = text;
-        const uint8_t* end = text + n;
+        if (best.size() < max_chars + 1) best.resize(max_chars + 1);
         int64_t pos = 0;  // characters consumed
         int32_t s = 0;
         const int32_t* fl = fail.data();
@@ -303,15 +302,16 @@ public:
         const int32_t* tm = term.data();
         const uint8_t* dp = depth.data();
         const int32_t* rn = root_next.data();
-        while (p < end) {
-            int32_t cp = decode_utf8(p, end);
+        while (src.more()) {
+            int32_t cp = src.next();
             if (cp < 0) {
-                *bad_offset = size_t(p - text);
+                *bad_offset = src.offset();
                 return false;
             }
             best[pos] = -1;
             ++pos;
-            int32_t c = char_id(cp);
+            // Lone surrogates in a str are code points no alias holds: they simply never match.
+            int32_t c = cp <= kMaxCodePoint ? char_id(cp) : 0;
             if (c == 0) {
                 s = 0;
                 continue;
@@ -383,7 +383,8 @@ public:
         Reader r{data.data() + sizeof kMagic, data.data() + data.size()};
         Automaton a;
         auto header = r.vec<int32_t>("header");
-        if (header.size() != 1 || header[0] < 0) throw std::invalid_argument("bad header");
+        if (header.size() != 1 || header[0] < 0 || header[0] > kMaxCodePoint + 1)
+            throw std::invalid_argument("bad header");
         a.num_chars = header[0];
         auto blocks = r.vec<int32_t>("character map");
         if (blocks.size() % 257) throw std::invalid_argument("bad character map");
@@ -449,26 +450,84 @@ public:
     }
 };
 
-// A Python text as UTF-8 bytes without copying: str (its cached UTF-8) or bytes-like.
+// Code points of UTF-8 bytes (strictly validated) ...
+struct Utf8Source {
+    const uint8_t* begin;
+    const uint8_t* p;
+    const uint8_t* end;
+    bool more() const { return p < end; }
+    int32_t next() { return decode_utf8(p, end); }
+    size_t offset() const { return size_t(p - begin); }
+};
+
+// ... and of a str's own storage (1, 2 or 4 bytes per code point): no encoding, no copy.
+template <typename T>
+struct UcsSource {
+    const T* p;
+    const T* end;
+    bool more() const { return p < end; }
+    int32_t next() { return int32_t(*p++); }
+    size_t offset() const { return 0; }
+};
+
+// A Python text without copying: a str (its code points) or bytes (UTF-8). The list or object
+// that holds it keeps it alive while the GIL is released; both types are immutable.
 struct TextView {
-    const uint8_t* data;
-    size_t size;
+    const void* data;
+    size_t size;  // bytes for UTF-8, code points for a str
+    int kind;     // 0: UTF-8 bytes; 1, 2, 4: PyUnicode storage width
 };
 
 TextView text_view(const py::handle& obj, size_t index) {
+    PyObject* o = obj.ptr();
+    if (PyUnicode_Check(o)) {
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(o) != 0) throw py::error_already_set();  // a legacy (wstr) string
+#endif
+        return {PyUnicode_DATA(o), size_t(PyUnicode_GET_LENGTH(o)), int(PyUnicode_KIND(o))};
+    }
+    if (PyBytes_Check(o)) return {PyBytes_AS_STRING(o), size_t(PyBytes_GET_SIZE(o)), 0};
+    throw py::type_error("text " + std::to_string(index) + " is " + std::string(Py_TYPE(o)->tp_name) +
+                         ", expected str or bytes");
+}
+
+bool scan_text(const Automaton& a, const TextView& t, std::vector<int32_t>& best, std::vector<Match>& out,
+               size_t* bad) {
+    switch (t.kind) {
+        case 1: {
+            auto p = static_cast<const uint8_t*>(t.data);
+            return a.scan(UcsSource<uint8_t>{p, p + t.size}, t.size, best, out, bad);
+        }
+        case 2: {
+            auto p = static_cast<const uint16_t*>(t.data);
+            return a.scan(UcsSource<uint16_t>{p, p + t.size}, t.size, best, out, bad);
+        }
+        case 4: {
+            auto p = static_cast<const uint32_t*>(t.data);
+            return a.scan(UcsSource<uint32_t>{p, p + t.size}, t.size, best, out, bad);
+        }
+        default: {
+            auto p = static_cast<const uint8_t*>(t.data);
+            return a.scan(Utf8Source{p, p, p + t.size}, t.size, best, out, bad);
+        }
+    }
+}
+
+// Aliases are compiled from UTF-8 (a str's cached UTF-8, or bytes).
+std::pair<const char*, size_t> utf8_of(const py::handle& obj, size_t index) {
     PyObject* o = obj.ptr();
     if (PyUnicode_Check(o)) {
         Py_ssize_t n;
         const char* s = PyUnicode_AsUTF8AndSize(o, &n);
         if (!s) {
             PyErr_Clear();
-            throw py::value_error("text " + std::to_string(index) +
+            throw py::value_error("alias " + std::to_string(index) +
                                   " cannot be encoded as UTF-8 (it holds a lone surrogate)");
         }
-        return {reinterpret_cast<const uint8_t*>(s), size_t(n)};
+        return {s, size_t(n)};
     }
-    if (PyBytes_Check(o)) return {reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(o)), size_t(PyBytes_GET_SIZE(o))};
-    throw py::type_error("text " + std::to_string(index) + " is " + std::string(Py_TYPE(o)->tp_name) +
+    if (PyBytes_Check(o)) return {PyBytes_AS_STRING(o), size_t(PyBytes_GET_SIZE(o))};
+    throw py::type_error("alias " + std::to_string(index) + " is " + std::string(Py_TYPE(o)->tp_name) +
                          ", expected str or bytes");
 }
 
@@ -528,10 +587,7 @@ PYBIND11_MODULE(_native, m) {
                 if (entities.ndim() != 1 || size_t(entities.shape(0)) != aliases.size())
                     throw py::value_error("entities must be one id per alias");
                 std::vector<std::pair<const char*, size_t>> views(aliases.size());
-                for (size_t i = 0; i < aliases.size(); ++i) {
-                    TextView t = text_view(aliases[i], i);
-                    views[i] = {reinterpret_cast<const char*>(t.data), t.size};
-                }
+                for (size_t i = 0; i < aliases.size(); ++i) views[i] = utf8_of(aliases[i], i);
                 Automaton a;
                 const int64_t* ents = entities.data();
                 {
@@ -551,7 +607,7 @@ PYBIND11_MODULE(_native, m) {
                 {
                     py::gil_scoped_release nogil;
                     std::vector<int32_t> best;
-                    ok = a.scan(t.data, t.size, best, out, &bad);
+                    ok = scan_text(a, t, best, out, &bad);
                 }
                 if (!ok) throw py::value_error(utf8_error(0, bad));
                 return matches_array(out, a);
@@ -577,7 +633,7 @@ PYBIND11_MODULE(_native, m) {
                         for (size_t lo; (lo = next.fetch_add(chunk)) < n;) {
                             for (size_t i = lo; i < std::min(n, lo + chunk); ++i) {
                                 size_t off;
-                                if (!a.scan(views[i].data, views[i].size, best, per_text[i], &off) &&
+                                if (!scan_text(a, views[i], best, per_text[i], &off) &&
                                     i < bad_text[w]) {
                                     bad_text[w] = i;
                                     bad_off[w] = off;

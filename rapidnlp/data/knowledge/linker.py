@@ -3,7 +3,8 @@
 Matching is leftmost-longest and non-overlapping: scanning left to right, at the first position
 where any alias starts, the longest alias starting there is taken, and scanning resumes after it.
 Spans are in characters (Unicode code points, the indices of a Python str), end exclusive.
-Text may be str or UTF-8 bytes; bytes that are not valid UTF-8 raise ValueError naming the byte.
+Text may be str (scanned in its own storage, no encoding; a lone surrogate simply never matches)
+or UTF-8 bytes (bytes that are not valid UTF-8 raise ValueError naming the byte).
 The scan releases the GIL, and `link_batch(..., workers=N)` runs N native threads.
 
 An alias may name several entities (an ambiguous place name): a match reports the alias id and

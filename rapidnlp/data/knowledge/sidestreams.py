@@ -113,7 +113,8 @@ class AlignedEncoder:
         if self._plain.id_to_piece(self._lone_prefix) != _WORD_START:
             self._lone_prefix = -1
 
-    def encode(self, sentences: list[str], spans: list[np.ndarray]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    def encode(self, sentences: list[str], spans: list[np.ndarray],
+               num_threads: int = 1) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """For each sentence and its mention char spans [m, 2] (sorted, non-overlapping):
         its token ids and each mention's (tok_start, tok_end)."""
         first, rest, plan = [], [], []
@@ -123,8 +124,8 @@ class AlignedEncoder:
             plan.append((pieces, {(int(a), int(b)) for a, b in sp.reshape(-1, 2)}))
             for k, (a, b) in enumerate(pieces):
                 (first if k == 0 else rest).append(text[a:b])
-        first_ids = self._plain.encode(first) if first else []
-        rest_ids = self._no_prefix.encode(rest) if rest else []
+        first_ids = self._plain.encode(first, num_threads=num_threads) if first else []
+        rest_ids = self._no_prefix.encode(rest, num_threads=num_threads) if rest else []
         out = []
         fi = ri = 0
         for pieces, mention_set in plan:
@@ -191,7 +192,7 @@ def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker
         sentences = [s for doc in batch for s in doc]
         offsets, matches = linker.link_batch(sentences, workers=workers)
         per = [matches[offsets[i]:offsets[i + 1]] for i in range(len(sentences))]
-        encoded = encoder.encode(sentences, [m[:, :2] for m in per])
+        encoded = encoder.encode(sentences, [m[:, :2] for m in per], num_threads=max(workers, 1))
         k = 0
         for doc in batch:
             seqs, tags = [], []
