@@ -10,6 +10,7 @@ from rapidnlp.data.knowledge.linker import EntityLinker
 from rapidnlp.data.knowledge.sample_index import build_sample_index
 from rapidnlp.data.knowledge.sidestreams import (IGNORE_TAG, AlignedEncoder, KnowledgeSamples,
                                                  build_sidestreams)
+from rapidnlp.data.mlm import MLMSampleBuilder, SpecialIds
 from rapidnlp.data.tokenizer import Tokenizer
 
 
@@ -75,6 +76,8 @@ def test_samples_side_streams_and_negatives(built):
     tokens = IndexedDataset(out + "/tokens")
     index = build_sample_index(tokens.sequence_lengths, tokens.document_indices, 62, seed=1)
     ks = KnowledgeSamples(out, kg, seq_len=64, negatives=3, seed=5)
+    mlm = MLMSampleBuilder(tokens, index, SpecialIds(pad=0, cls=2, sep=3, mask=4, vocab_size=tok.vocab_size),
+                           seq_len=64, max_predictions=10)
     n_pos = n_corrupt = 0
     for k in range(0, len(index), 7):
         first, end = index[k]
@@ -96,6 +99,13 @@ def test_samples_side_streams_and_negatives(built):
                     n_corrupt += 1
                 else:
                     assert kg.has_triple(ns, np_, no)  # a random real triple, not a positive
+        sub = s["subgraph_triples"]
+        assert len(sub) <= 64
+        if len(sub) < 64:
+            assert set(s["positive_ids"].tolist()) <= set(sub.tolist())
+        for t in sub.tolist():
+            assert kg.triples[t, 0] in ents or kg.triples[t, 2] in ents
+        np.testing.assert_array_equal(body, mlm.tokens(k))  # the same body as the MLM sample
         again = ks.sample(k, first, end)
         for key in s:
             np.testing.assert_array_equal(s[key], again[key])

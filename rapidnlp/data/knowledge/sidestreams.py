@@ -12,8 +12,9 @@ decode to exactly its characters.  A sentence without mentions gets exactly the 
                      char_end, entity) and the linked positive triples, plus the tag names
 
 `KnowledgeSamples` serves a training sample: the body tokens, its tags, the linked entity ids and
-positive triples, and negatives drawn at train time (corrupted object of the same predicate, or a
-random triple), a pure function of (seed, sample index).
+positive triples, the 1-hop sub-graph around the linked entities, and negatives drawn at train
+time (corrupted object of the same predicate, or a random triple), a pure function of
+(seed, sample index).
 
 This module does not build the knowledge graph or the linker (kg.py, linker.py).
 """
@@ -268,7 +269,8 @@ class KnowledgeSamples:
     position 0 is [CLS], the body (the sample's tokens, truncated to seq_len - 2) follows."""
 
     def __init__(self, folder: str, kg: KnowledgeGraph, *, seq_len: int, max_triples: int = 16,
-                 negatives: int = 1, corrupt_object_prob: float = 0.5, seed: int = 0):
+                 max_subgraph: int = 64, negatives: int = 1, corrupt_object_prob: float = 0.5,
+                 seed: int = 0):
         self.tokens = IndexedDataset(os.path.join(folder, "tokens"))
         self.tags = IndexedDataset(os.path.join(folder, "tags"))
         path = os.path.join(folder, "mentions.npz")
@@ -285,6 +287,7 @@ class KnowledgeSamples:
         self.kg = kg
         self.seq_len = seq_len
         self.max_triples = max_triples
+        self.max_subgraph = max_subgraph
         self.negatives = negatives
         self.corrupt_object_prob = corrupt_object_prob
         self.seed = seed
@@ -322,7 +325,17 @@ class KnowledgeSamples:
             "positive_triples": self.kg.triples[pos].astype(np.int64),
             "positive_ids": pos,
             "negative_triples": self._negatives(rng, pos),
+            "subgraph_triples": self._subgraph(rng, entities),
         }
+
+    def _subgraph(self, rng: np.random.Generator, entities: np.ndarray) -> np.ndarray:
+        """Ids of the triples around the linked entities (1 hop), a seeded subset if too many."""
+        if not len(entities):
+            return np.zeros(0, dtype=np.int64)
+        ids = np.unique(np.concatenate([self.kg.incident_triples(int(e)) for e in entities]))
+        if len(ids) > self.max_subgraph:
+            ids = np.sort(rng.choice(ids, self.max_subgraph, replace=False))
+        return ids.astype(np.int64)
 
     def _negatives(self, rng: np.random.Generator, positives: np.ndarray) -> np.ndarray:
         """[len(positives), negatives, 3]: per positive (s, p, o), with corrupt_object_prob a
