@@ -251,6 +251,12 @@ class KnowledgeGraph:
             self._triple_set = set(map(tuple, self.triples.tolist()))
         return (s, p, o) in self._triple_set
 
+    def triple_rows(self) -> list:
+        """The triples as a list of (s, p, o) lists, for per-sentence loops in Python."""
+        if getattr(self, "_rows", None) is None:
+            self._rows = self.triples.tolist()
+        return self._rows
+
     def triple_text(self, t: int) -> tuple[str, str, str]:
         s, p, o = self.triples[t]
         return self.entity_names[s], self.predicate_names[p], self.entity_names[o]

@@ -164,12 +164,20 @@ def linked_triples(kg: KnowledgeGraph, entities: np.ndarray, cap: int) -> np.nda
     subject is linked, in triple-id order, at most cap."""
     if not len(entities) or cap <= 0:
         return np.zeros(0, dtype=np.int32)
-    ents = np.unique(entities)
-    incident = np.unique(np.concatenate([kg.incident_triples(e) for e in ents]))
-    s, o = kg.triples[incident, 0], kg.triples[incident, 2]
-    both = np.isin(s, ents) & np.isin(o, ents)
-    subject = ~both & np.isin(s, ents)
-    return np.concatenate([incident[both], incident[subject]])[:cap].astype(np.int32)
+    # Plain Python sets: a sentence links a handful of entities, where NumPy calls cost more.
+    ents = set(entities.tolist())
+    incident = set()
+    for e in ents:
+        incident.update(kg.incident_triples(e).tolist())
+    rows = kg.triple_rows()
+    both, subject = [], []
+    for t in sorted(incident):
+        s, _, o = rows[t]
+        if s in ents and o in ents:
+            both.append(t)
+        elif s in ents:
+            subject.append(t)
+    return np.asarray((both + subject)[:cap], dtype=np.int32)
 
 
 def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker: EntityLinker,
