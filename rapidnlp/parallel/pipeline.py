@@ -385,37 +385,50 @@ class Pipeline:
             with self._loss_context():
                 self._schedule.step(*args, target=labels)
         else:
-            self._single_stage(batches, backward=True)
+            self._single_stage(batches)
         sums = self._gather_records()
         self._finish_grads()
         return sums[0], sums[1:]
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> torch.Tensor:
-        """Summed masked-token loss of these micro-batches, forward only."""
+        """Summed masked-token loss of these micro-batches, forward only.
+
+        Not through the schedule: torch 2.13's `schedule.eval()` still runs the backward actions of
+        V-placed schedules (zbv: "can't steal_bwd_input if this stage doesn't have backward") and
+        re-initialises every stage on each train/eval switch. Evaluation passes each micro-batch
+        down the stages in order, with blocking sends between ranks.
+        """
         self._scale, self._aux_scale = 1.0, 0.0
         self._records.clear()
-        if self.dims.pp_enabled:
-            if self._schedule is None:
-                self._schedule = self._build_schedule(batches)
-            args, labels = self._inputs(batches)
-            with self._loss_context():
-                self._schedule.eval(*args, target=labels)
-        else:
-            self._single_stage(batches, backward=False)
+        first_in, between, _ = self._input_metas(batches)
+        last = self.num_stages - 1
+        with self._loss_context():
+            for batch in batches:
+                args, labels = self._inputs([batch])
+                x = args
+                for sid, module in zip(self.stage_ids, self.stages):
+                    if sid > 0 and self.placement[sid - 1] != self.pp_rank:
+                        x = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in between)
+                        for t in x:
+                            dist.recv(t, group_src=self.placement[sid - 1], group=self.pp_group)
+                    x = module(*x)
+                    if sid == last:
+                        self._loss_fn(x, labels)
+                    elif self.placement[sid + 1] != self.pp_rank:
+                        for t in x:
+                            dist.send(t.contiguous(), group_dst=self.placement[sid + 1], group=self.pp_group)
         return self._gather_records()[0]
 
-    def _single_stage(self, batches, backward: bool) -> None:
+    def _single_stage(self, batches) -> None:
         """pp = 1: the same stage module and loss, micro-batch after micro-batch."""
         (stage,) = self.stages
         for i, batch in enumerate(batches):
-            if backward and hasattr(stage, "set_requires_gradient_sync"):
+            if hasattr(stage, "set_requires_gradient_sync"):
                 stage.set_requires_gradient_sync(i == len(batches) - 1)
             args, labels = self._inputs([batch])
             with self._loss_context():
-                loss = self._loss_fn(stage(*args), labels)
-                if backward:
-                    loss.backward()
+                self._loss_fn(stage(*args), labels).backward()
 
     def _gather_records(self) -> torch.Tensor:
         """The last stage's per-micro-batch values, summed, on every rank of the pp group."""

@@ -1,0 +1,189 @@
+"""Pipeline parallelism against the single process: same seed, same global batch, 20 fp32 steps,
+loss, grad_norm and validation loss equal to rtol 1e-4, for every schedule at pp=2, and for
+pp=2 x tp=2, pp=2 x dp=2 (FSDP and replicate), pp=4, and pp=2 x dp=2 x tp=2 (8 processes).
+The knowledge-injection interfaces (a side tensor per sample, a mid-stack module, an auxiliary
+loss) run at pp=2 x tp=2 against the same injection in one process. Bad pipeline layouts are
+one line each. Each world size is launched once (real processes over gloo) and runs all its layouts.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, clean_env
+from rapidnlp.config import Config, apply, resolve_layout
+from rapidnlp.dist.launch import spawn_local
+from rapidnlp.errors import UserError
+
+WORKER = str(REPO / "tests" / "pipeline_worker.py")
+STEPS = 20
+
+
+def base_overrides(run_dir) -> dict:
+    return {
+        "train.steps": STEPS, "train.global_batch": 8, "train.micro_batch": 2, "train.seed": 7,
+        "train.warmup_steps": 2, "train.lr": 2e-3, "train.precision": "fp32", "train.log_interval": 1000,
+        "train.eval_interval": 10, "train.eval_batches": 1,
+        "train.run_dir": str(run_dir), "data.seq_len": 64, "model.max_position_embeddings": 64,
+    }
+
+
+PP2 = {"parallel.pp": 2}
+# world size -> layout name -> (overrides, reference layout, knowledge injection)
+WORLDS = {
+    1: {
+        "single": ({}, None, False),
+        "single_lamb": ({"train.optimizer": "lamb"}, None, False),
+        "single_knowledge": ({}, None, True),
+    },
+    2: {
+        "pp2_gpipe": ({**PP2, "parallel.pp_schedule": "gpipe"}, "single", False),
+        "pp2_1f1b": ({**PP2, "parallel.pp_schedule": "1f1b"}, "single", False),
+        "pp2_1f1b_lamb": ({**PP2, "train.optimizer": "lamb"}, "single_lamb", False),
+        "pp2_1f1b_split_3_1": ({**PP2, "parallel.pp_split": "3,1"}, "single", False),
+        "pp2_interleaved1f1b_v2": (
+            {**PP2, "parallel.pp_schedule": "interleaved1f1b", "parallel.pp_virtual_stages": 2}, "single", False),
+        "pp2_zero_bubble_v2": (
+            {**PP2, "parallel.pp_schedule": "zero_bubble", "parallel.pp_virtual_stages": 2}, "single", False),
+        "pp2_zero_bubble_v1": ({**PP2, "parallel.pp_schedule": "zero_bubble"}, "single", False),
+        "pp2_zbv": ({**PP2, "parallel.pp_schedule": "zbv", "parallel.pp_virtual_stages": 2}, "single", False),
+    },
+    4: {
+        "pp2_tp2": ({**PP2, "parallel.tp": 2}, "single", False),
+        "pp2_tp2_no_sp": ({**PP2, "parallel.tp": 2, "parallel.sequence_parallel": False,
+                           "parallel.loss_parallel": False}, "single", False),
+        "pp2_dp2_fsdp": ({**PP2, "parallel.dp_mode": "fsdp"}, "single", False),
+        "pp2_dp2_replicate": ({**PP2, "parallel.dp_mode": "ddp"}, "single", False),
+        "pp4_1f1b": ({"parallel.pp": 4}, "single", False),
+        "pp2_tp2_knowledge": ({**PP2, "parallel.tp": 2}, "single_knowledge", True),
+    },
+    8: {
+        "pp2_dp2_tp2": ({**PP2, "parallel.tp": 2}, "single", False),
+        "pp2_dp2_tp2_interleaved1f1b_v2": (
+            {**PP2, "parallel.tp": 2, "parallel.pp_schedule": "interleaved1f1b", "parallel.pp_virtual_stages": 2},
+            "single", False),
+    },
+}
+LAYOUTS = [name for n in (2, 4, 8) for name in WORLDS[n]]
+REFERENCE = {name: ref for world in WORLDS.values() for name, (_, ref, _) in world.items()}
+
+
+def launch(nproc: int, data: str, tmp_path) -> dict:
+    runs = [{"name": name, "overrides": over, "knowledge": knowledge}
+            for name, (over, _, knowledge) in WORLDS[nproc].items()]
+    spec, out = tmp_path / f"spec{nproc}.json", tmp_path / f"out{nproc}.json"
+    spec.write_text(json.dumps({"data": data, "base": base_overrides(tmp_path / "run"), "runs": runs}))
+    code = spawn_local(nproc, [str(spec), str(out)], script=WORKER, env=clean_env())
+    assert code == 0, f"{nproc}-process job failed with exit code {code}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def curves(pd_dataset, tmp_path_factory):
+    results = {}
+    for nproc in WORLDS:
+        results.update(launch(nproc, pd_dataset, tmp_path_factory.mktemp(f"pp{nproc}")))
+    return results
+
+
+def _series(rows, key):
+    return np.array([r[key] for r in rows if key in r], dtype=np.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pipeline_matches_single_process(curves, layout):
+    ref, got = curves[REFERENCE[layout]]["rows"], curves[layout]["rows"]
+    assert len(ref) == len(got) == STEPS
+    keys = ["loss", "grad_norm", "val_loss"] + [k for k in ref[0] if k.startswith("aux_")]
+    for key in keys:
+        want = _series(ref, key)
+        assert len(want) > 0, key
+        np.testing.assert_allclose(_series(got, key), want, rtol=1e-4, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_references_learn(curves):
+    """The references must train (equal curves of a no-op would prove nothing), and the knowledge
+    run must really differ from plain MLM (its mid-stack module and auxiliary loss took part)."""
+    plain, knowledge = curves["single"]["rows"], curves["single_knowledge"]["rows"]
+    loss = _series(plain, "loss")
+    assert loss[-5:].mean() < loss[:5].mean() - 0.3, loss
+    assert "aux_tagging" in knowledge[0] and "aux_tagging" not in plain[0]
+    aux = _series(knowledge, "aux_tagging")
+    assert aux[-5:].mean() < aux[:5].mean() - 0.1, aux
+    assert not np.allclose(_series(knowledge, "grad_norm"), _series(plain, "grad_norm"))
+
+
+def _layout(world: int, **fields) -> Config:
+    config = Config()
+    for name, value in fields.items():
+        section, key = name.split("__")
+        apply(config, section, key, value, "test")
+    resolve_layout(config, world)
+    return config
+
+
+@pytest.mark.parametrize("world, fields, message", [
+    (2, {"parallel__pp": 2, "model__num_layers": 5},
+     r"model.num_layers \(5\) is not divisible by parallel.pp \(2\) x parallel.pp_virtual_stages \(1\)"),
+    (2, {"parallel__pp": 2, "parallel__pp_schedule": "interleaved1f1b", "parallel__pp_virtual_stages": 4,
+         "model__num_layers": 4},
+     r"model.num_layers \(4\) is not divisible by parallel.pp \(2\) x parallel.pp_virtual_stages \(4\)"),
+    (2, {"parallel__pp": 2, "train__global_batch": 4, "train__micro_batch": 4},
+     r"1 micro-batches per step .* parallel.pp_schedule = 1f1b needs at least parallel.pp \(2\)"),
+    (2, {"parallel__pp": 2, "parallel__pp_schedule": "interleaved1f1b", "parallel__pp_virtual_stages": 2,
+         "train__global_batch": 10, "train__micro_batch": 2},
+     r"5 micro-batches per step .* do not form equal rounds of parallel.pp \(2\)"),
+    (2, {"parallel__pp": 2, "parallel__pp_split": "3,2"},
+     r"parallel.pp_split = '3,2': needs 2 counts .* summing to model.num_layers \(4\)"),
+    (2, {"parallel__pp": 2, "parallel__pp_split": "three,one"}, r"parallel.pp_split = 'three,one': expected"),
+    (2, {"parallel__pp": 2, "parallel__pp_schedule": "dualpipe"}, r"parallel.pp_schedule = 'dualpipe': choose"),
+    (2, {"parallel__pp": 2, "parallel__pp_virtual_stages": 2},
+     r"parallel.pp_virtual_stages = 2 needs an interleaved schedule"),
+    (2, {"parallel__pp": 2, "parallel__pp_schedule": "zbv"}, r"zbv places exactly 2 stages per rank"),
+])
+def test_bad_pipeline_layouts(world, fields, message):
+    with pytest.raises(UserError, match=message) as info:
+        _layout(world, **fields)
+    assert "\n" not in str(info.value)
+
+
+def test_good_pipeline_layouts():
+    _layout(2, parallel__pp=2, model__num_layers=5, parallel__pp_split="[3, 2]")
+    _layout(2, parallel__pp=2, parallel__pp_schedule="gpipe", train__global_batch=4, train__micro_batch=4)
+    _layout(8, parallel__pp=2, parallel__tp=2, parallel__pp_schedule="zbv", parallel__pp_virtual_stages=2)
+
+
+def test_balanced_split_moves_layers_off_an_expensive_last_stage():
+    from rapidnlp.parallel.pipeline import balanced_split
+
+    assert balanced_split(8, 2, block=1.0, first=0.0, last=0.1) == [4, 4]
+    assert balanced_split(8, 2, block=1.0, first=0.0, last=2.0) == [5, 3]
+    assert balanced_split(8, 4, block=1.0, first=0.0, last=0.0) == [2, 2, 2, 2]
+    assert balanced_split(5, 2, block=1.0, first=0.0, last=0.0) in ([3, 2], [2, 3])
+
+
+def test_stages_partition_the_full_model():
+    """Stage parameter names are the full model's; together the stages hold every parameter once,
+    plus the decoder's own copy of the tied weight, which starts equal to the embedding."""
+    from rapidnlp.model.bert import BertForMLM
+    from rapidnlp.parallel.pipeline import StageModule
+
+    config = Config()
+    config.model.vocab_size = 1000
+    torch.manual_seed(0)
+    model = BertForMLM(config.model)
+    names = {n for n, _ in model.named_parameters()}
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    first = StageModule(model, [0, 1, 2], first=True, last=False)
+    last = StageModule(model, [3], first=False, last=True)
+    a, b = dict(first.named_parameters()), dict(last.named_parameters())
+    assert set(a) | set(b) == names | {"lm_head.decoder.weight"} and not set(a) & set(b)
+    assert b["lm_head.decoder.weight"] is not a["embeddings.word_embeddings.weight"]
+    assert torch.equal(b["lm_head.decoder.weight"], a["embeddings.word_embeddings.weight"])
+    for n, p in {**a, **b}.items():
+        assert torch.equal(p, full.get(n, full["embeddings.word_embeddings.weight"])), n
