@@ -66,7 +66,7 @@ def main() -> int:
     ap.add_argument("--aliases", type=int, default=100_000)
     ap.add_argument("--docs", type=int, default=10_000_000, help="documents for the sample index")
     ap.add_argument("--workers", default="1,2", help="thread counts for the C++ linker")
-    ap.add_argument("--reference-kb", type=int, default=100, help="text for the pure-Python reference")
+    ap.add_argument("--reference-kb", type=int, default=50, help="text for the pure-Python reference")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 

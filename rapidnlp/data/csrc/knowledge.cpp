@@ -1,6 +1,6 @@
 // Native helpers of the knowledge data pipeline (built by setup.py with pybind11 alone).
 //
-//   Automaton            Aho-Corasick entity linker over Unicode code points of UTF-8 text:
+//   Automaton            Aho-Corasick entity linker over the code points of a str or UTF-8 bytes:
 //                        leftmost-longest, non-overlapping matches, character (code point) spans,
 //                        GIL released while scanning, multi-threaded batches, serialised to a
 //                        flat, bounds-checked byte format (never pickle).
@@ -587,7 +587,11 @@ PYBIND11_MODULE(_native, m) {
                 if (entities.ndim() != 1 || size_t(entities.shape(0)) != aliases.size())
                     throw py::value_error("entities must be one id per alias");
                 std::vector<std::pair<const char*, size_t>> views(aliases.size());
-                for (size_t i = 0; i < aliases.size(); ++i) views[i] = utf8_of(aliases[i], i);
+                std::vector<py::object> keep(aliases.size());  // alive while the GIL is released
+                for (size_t i = 0; i < aliases.size(); ++i) {
+                    keep[i] = aliases[i];
+                    views[i] = utf8_of(keep[i], i);
+                }
                 Automaton a;
                 const int64_t* ents = entities.data();
                 {
@@ -618,7 +622,13 @@ PYBIND11_MODULE(_native, m) {
             [](const Automaton& a, const py::sequence& texts, int num_threads) {
                 const size_t n = texts.size();
                 std::vector<TextView> views(n);
-                for (size_t i = 0; i < n; ++i) views[i] = text_view(texts[i], i);
+                // Own a reference to every text: another Python thread may empty the list while
+                // the GIL is released, and the views must outlive that.
+                std::vector<py::object> keep(n);
+                for (size_t i = 0; i < n; ++i) {
+                    keep[i] = texts[i];
+                    views[i] = text_view(keep[i], i);
+                }
                 if (num_threads <= 0) num_threads = int(std::max(1u, std::thread::hardware_concurrency()));
                 num_threads = int(std::min<size_t>(size_t(num_threads), std::max<size_t>(n, 1)));
                 // Texts are handed out in chunks from a shared counter: long and short texts balance.
