@@ -95,6 +95,7 @@ public:
     std::vector<int32_t> cm_top;     // kBlocks entries: block number or -1
     std::vector<int32_t> cm_blocks;  // 256 char ids per block
     int32_t num_chars = 0;
+    int64_t num_duplicates = 0;  // (alias, entity) pairs given more than once; build-time only
     // Trie + failure function, nodes in creation order, node 0 the root.
     std::vector<int32_t> edge_begin;  // N + 1 (CSR over edges, each node's edges sorted by char)
     std::vector<int32_t> edge_char;   // E
@@ -139,6 +140,7 @@ public:
         cm_top.assign(kBlocks, -1);
         cm_blocks.clear();
         num_chars = 0;
+        num_duplicates = 0;
         std::vector<int64_t> seq_ptr(n + 1, 0);
         std::vector<int32_t> seq;
         seq.reserve(n * 4);
@@ -215,9 +217,14 @@ public:
         int64_t prev = -1;
         for (size_t k = 0; k < n; ++k) {
             int64_t a = order[k];
-            if (prev >= 0 && equal(prev, a)) {  // duplicate string: one more entity for it
-                alias_ents.push_back(entities[a]);
-                alias_ent_ptr.back() = int64_t(alias_ents.size());
+            if (prev >= 0 && equal(prev, a)) {  // the same string again: one more entity for it
+                auto first = alias_ents.begin() + alias_ent_ptr[alias_ent_ptr.size() - 2];
+                if (std::find(first, alias_ents.end(), entities[a]) != alias_ents.end()) {
+                    ++num_duplicates;  // the same (alias, entity) pair again
+                } else {
+                    alias_ents.push_back(entities[a]);
+                    alias_ent_ptr.back() = int64_t(alias_ents.size());
+                }
                 continue;
             }
             int64_t len = seq_ptr[a + 1] - seq_ptr[a];
@@ -680,6 +687,7 @@ PYBIND11_MODULE(_native, m) {
             py::arg("texts"), py::arg("num_threads") = 1)
         .def_property_readonly("num_aliases", &Automaton::num_aliases)
         .def_property_readonly("num_nodes", &Automaton::num_nodes)
+        .def_property_readonly("num_duplicates", [](const Automaton& a) { return a.num_duplicates; })
         .def_property_readonly("num_chars", [](const Automaton& a) { return a.num_chars; })
         .def("alias", [](const Automaton& a, int64_t i) {
             if (i < 0 || i >= a.num_aliases()) throw py::index_error("alias id out of range");

@@ -95,39 +95,37 @@ class EntityLinker:
         ents = ents.astype(np.int64, copy=False)
         report = AliasReport(given=len(aliases))
 
-        keep_alias: list[str] = []
-        keep_ent: list[int] = []
-        seen: set = set()
-        for i, (alias, ent) in enumerate(zip(aliases, ents.tolist())):
-            why = None
-            if not isinstance(alias, str):
-                why, kind = f"not a string: {type(alias).__name__}", "invalid"
-            elif not alias:
-                why, kind = "empty", "empty"
-            elif len(alias) > max_alias_chars:
-                why, kind = f"{len(alias)} characters > {max_alias_chars}", "too_long"
-            else:
-                try:
-                    alias.encode("utf-8")
-                except UnicodeEncodeError:
-                    why, kind = "lone surrogate, not encodable as UTF-8", "invalid"
-            if why is not None:
+        # The common case, all aliases good, is checked with C-level passes; only a table with
+        # bad entries takes the per-alias loop that says which and why.
+        all_str = set(map(type, aliases)) <= {str}
+        if all_str:
+            lengths = np.fromiter(map(len, aliases), dtype=np.int64, count=len(aliases))
+            try:
+                "".join(aliases).encode("utf-8")
+                encodable = True
+            except UnicodeEncodeError:
+                encodable = False
+        if all_str and encodable and not ((lengths == 0) | (lengths > max_alias_chars)).any():
+            keep_alias, keep_ent = aliases, ents
+        else:
+            keep = np.ones(len(aliases), dtype=bool)
+            for i, alias in enumerate(aliases):
+                why = _rejection(alias, max_alias_chars)
+                if why is None:
+                    continue
+                kind, why = why
                 if strict:
-                    raise UserError(f"alias #{i} ({alias!r:.60}) rejected: {why}; fix the alias table "
-                                    f"or build without strict")
+                    raise UserError(f"alias #{i} ({alias!r:.60}) rejected: {why}; fix the alias "
+                                    f"table or build without strict")
                 setattr(report, kind, getattr(report, kind) + 1)
                 if len(report.examples) < max_reported:
                     report.examples.append((i, why))
-                continue
-            key = (alias, ent)
-            if key in seen:
-                report.duplicates += 1
-                continue
-            seen.add(key)
-            keep_alias.append(alias)
-            keep_ent.append(ent)
-        automaton = _native.Automaton.build(keep_alias, np.asarray(keep_ent, dtype=np.int64))
-        report.kept = len(keep_alias)
+                keep[i] = False
+            keep_alias = [a for a, k in zip(aliases, keep.tolist()) if k]
+            keep_ent = ents[keep]
+        automaton = _native.Automaton.build(keep_alias, np.ascontiguousarray(keep_ent, dtype=np.int64))
+        report.duplicates = automaton.num_duplicates
+        report.kept = len(keep_alias) - report.duplicates
         report.unique_aliases = automaton.num_aliases
         report.seconds = time.perf_counter() - start
         return cls(automaton, report)
@@ -210,6 +208,21 @@ class EntityLinker:
 
     def __repr__(self) -> str:
         return f"EntityLinker({self.num_aliases} aliases, {self.num_nodes} automaton states)"
+
+
+def _rejection(alias, max_alias_chars: int) -> tuple[str, str] | None:
+    """(report field, reason) why an alias cannot be compiled, or None."""
+    if not isinstance(alias, str):
+        return "invalid", f"not a string: {type(alias).__name__}"
+    if not alias:
+        return "empty", "empty"
+    if len(alias) > max_alias_chars:
+        return "too_long", f"{len(alias)} characters > {max_alias_chars}"
+    try:
+        alias.encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid", "lone surrogate, not encodable as UTF-8"
+    return None
 
 
 def link_reference(text: str, table: dict[str, int]) -> list[tuple[int, int, int]]:
