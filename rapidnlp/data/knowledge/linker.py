@@ -72,7 +72,6 @@ class EntityLinker:
     def __init__(self, automaton, report: AliasReport | None = None):
         self._ac = automaton
         self.report = report or AliasReport(unique_aliases=automaton.num_aliases)
-        self._primary = None
 
     @classmethod
     def build(cls, aliases: Sequence[str], entities: Iterable[int], *,
