@@ -117,16 +117,31 @@ def _run_worker(config, resume: str | None) -> int:
     shutdown(code)
 
 
+def _parse_layout(text: str) -> dict[str, int]:
+    layout = {"tp": 1, "dp": 1, "zero": 0, "hsdp_shard": 0}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in layout or not value.isdigit():
+            raise UserError(f"--layout '{text}': expected e.g. tp=2,dp=8,zero=3 (keys: {', '.join(layout)})")
+        layout[key] = int(value)
+    return layout
+
+
 def _params(args: argparse.Namespace) -> int:
     from rapidnlp.config import load_config
     from rapidnlp.model.bert import count_parameters
+    from rapidnlp.train.memory import estimate_state_bytes
 
     if not args.config and not os.path.isdir(CONFIG_DIR):
         raise UserError(f"{CONFIG_DIR}: no configs folder here; give --config FILE")
     paths = [args.config] if args.config else sorted(
         os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".toml")
     )
-    print(f"{'config':<14}{'layers':>7}{'hidden':>8}{'heads':>6}{'vocab':>8}{'total':>16}{'non-embedding':>16}")
+    layout = _parse_layout(args.layout) if args.layout else None
+    header = f"{'config':<14}{'layers':>7}{'hidden':>8}{'heads':>6}{'vocab':>8}{'total':>16}{'non-embedding':>16}"
+    if layout:
+        header += f"{'params MiB/rank':>17}{'grads MiB/rank':>16}{'optim MiB/rank':>16}"
+    print(header)
     for path in paths:
         config = load_config(path)
         m = config.model
@@ -134,8 +149,16 @@ def _params(args: argparse.Namespace) -> int:
             m.vocab_size = args.vocab_size
         counts = count_parameters(m)
         name = os.path.splitext(os.path.basename(path))[0]
-        print(f"{name:<14}{m.num_layers:>7}{m.hidden_size:>8}{m.num_heads:>6}{m.padded_vocab_size:>8}"
-              f"{counts['total']:>16,}{counts['non_embedding']:>16,}")
+        line = (f"{name:<14}{m.num_layers:>7}{m.hidden_size:>8}{m.num_heads:>6}{m.padded_vocab_size:>8}"
+                f"{counts['total']:>16,}{counts['non_embedding']:>16,}")
+        if layout:
+            est = estimate_state_bytes(m, **layout)
+            line += "".join(f"{est[k] / 2**20:>16,.1f}" for k in ("mem_params_bytes", "mem_grads_bytes",
+                                                                 "mem_optimizer_bytes"))
+        print(line)
+    if layout:
+        print(f"per-rank bytes held between steps at {layout} (fp32 weights, AdamW/LAMB state; "
+              "activations come on top, see scripts/bench_layouts.py)")
     return 0
 
 
@@ -186,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter counts of the configs, computed on the meta device")
     p.add_argument("--config", help="one TOML config (default: every config in configs/)")
     p.add_argument("--vocab-size", type=int, default=30592, help="vocabulary for configs that take it from the tokenizer")
+    p.add_argument("--layout", help="per-rank memory at a layout, e.g. tp=2,dp=8,zero=3[,hsdp_shard=4]")
     p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM)")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT")

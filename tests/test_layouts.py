@@ -125,16 +125,17 @@ def test_tp_layers_equal_dense_twin(curves, twin):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tp_shards_are_one_over_tp(curves):
+    from rapidnlp.parallel.tensor_parallel import is_tp_sharded
+
     res = curves["twin_sp"]
     local, full = res["local_shapes"], res["full_shapes"]
-    column = ("attention.query", "attention.key", "attention.value", "mlp.fc1")
-    for name, shape in local.items():
-        whole = full[name]
-        if any(f".{c}." in f".{name}" for c in column) or name.startswith("embeddings.word_embeddings") \
-                or name == "lm_head.decoder.bias":
-            assert shape[0] * 2 == whole[0] and shape[1:] == whole[1:], name
-        elif name.endswith(("attention.dense.weight", "mlp.fc2.weight")):
-            assert shape[1] * 2 == whole[1] and shape[0] == whole[0], name
-        else:  # replicated: norms under sequence parallelism, row-parallel biases
+    for name, whole in full.items():
+        shape = local.get(name, whole)  # plain (non-DTensor) parameters are whole
+        if is_tp_sharded(name):
+            dim = 1 if name.endswith(("attention.dense.weight", "mlp.fc2.weight")) else 0  # row- vs column-parallel
+            assert shape[dim] * 2 == whole[dim] and [s for i, s in enumerate(shape) if i != dim] == \
+                [s for i, s in enumerate(whole) if i != dim], name
+        else:  # replicated: norms under sequence parallelism, row-parallel biases, position embeddings
             assert shape == whole, name
-    assert "layers.0.mlp.fc1.weight" in local and "embeddings.word_embeddings.weight" in local
+    assert is_tp_sharded("layers.0.mlp.fc1.weight") and is_tp_sharded("embeddings.word_embeddings.weight")
+    assert not is_tp_sharded("layers.0.mlp.fc2.bias") and not is_tp_sharded("final_norm.weight")

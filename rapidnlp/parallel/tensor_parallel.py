@@ -84,3 +84,16 @@ def reduce_partial_grads(parameters) -> None:
         if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
             placements = [Replicate() if pl.is_partial() else pl for pl in g.placements]
             p.grad = g.redistribute(placements=placements)
+
+
+# Which parameters the plan above shards over tp (the rest are replicated): for memory estimates
+# made without a process group. tests/test_layouts.py checks real shard shapes against it.
+_SHARDED = (
+    "attention.query.", "attention.key.", "attention.value.", "mlp.fc1.",  # column-parallel: weight and bias
+    "attention.dense.weight", "mlp.fc2.weight",  # row-parallel: weight only (the bias is added once)
+    "embeddings.word_embeddings.weight", "lm_head.decoder.",  # vocab-parallel
+)
+
+
+def is_tp_sharded(name: str) -> bool:
+    return any(key in name for key in _SHARDED)

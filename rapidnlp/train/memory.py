@@ -54,3 +54,27 @@ class ActivationCounter:
         self.bytes, self._seen = 0, set()
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
+
+
+def estimate_state_bytes(model_cfg, *, tp: int = 1, dp: int = 1, zero: int = 0, hsdp_shard: int = 0,
+                         optimizer_slots: int = 2, bytes_per_value: int = 4) -> dict[str, int]:
+    """Per-rank bytes of parameters, gradients and optimizer state held between steps, computed
+    from the model on the meta device and the TP plan (no process group, no memory).
+
+    Tied weights count once. AdamW and LAMB keep two fp32 slots per value. ZeRO divides by dp
+    (by the shard group under HSDP): stage 1 the optimizer state, stage 2 also the gradients,
+    stage 3 also the parameters.
+    """
+    from rapidnlp.model.bert import BertForMLM
+    from rapidnlp.parallel.tensor_parallel import is_tp_sharded
+
+    with torch.device("meta"):
+        model = BertForMLM(model_cfg)
+    per_rank = sum(p.numel() / tp if is_tp_sharded(n) else p.numel() for n, p in model.named_parameters())
+    shard = hsdp_shard or dp
+    values = {
+        "mem_params_bytes": per_rank / (shard if zero >= 3 else 1),
+        "mem_grads_bytes": per_rank / (shard if zero >= 2 else 1),
+        "mem_optimizer_bytes": optimizer_slots * per_rank / (shard if zero >= 1 else 1),
+    }
+    return {k: int(v * bytes_per_value) for k, v in values.items()}
