@@ -180,6 +180,24 @@ class StageModule(nn.Module):
         return _scatter_sequence(full, self.sequence_mesh)
 
 
+class PipelineModel(nn.Module):
+    """This rank's stages seen as one module whose parameter names are the full model's
+    (embeddings.*, layers.N.*, final_norm.*, lm_head.*, mid_stack.N.*, aux_heads.NAME.*): what the
+    optimizer, checkpoints and train/eval switches see. It shares the stages' submodules; the
+    stages (the FSDP roots) are what the schedule runs."""
+
+    def __init__(self, stages: list[StageModule]):
+        super().__init__()
+        for stage in stages:
+            for name, child in stage.named_children():
+                if isinstance(child, nn.ModuleDict):
+                    if not hasattr(self, name):
+                        setattr(self, name, nn.ModuleDict())
+                    getattr(self, name).update(child)
+                else:
+                    setattr(self, name, child)
+
+
 def stage_costs(cfg: ModelConfig, seq_len: int, predictions: int) -> tuple[float, float, float]:
     """(per block, first-stage extra, last-stage extra) training FLOPs per sequence.
 
@@ -241,8 +259,8 @@ def build_full_model(config: Config, injection: Injection | None) -> tuple[BertF
 class Pipeline:
     """This rank's stages, their schedule, and the tied-weight and norm bookkeeping.
 
-    `model` (an nn.ModuleList of the local stages) is what the optimizer, memory accounting and
-    train/eval switches see. One call of `forward_backward` runs one optimizer step's micro-batches.
+    `model` (a PipelineModel over the local stages) is what the optimizer, memory accounting,
+    checkpoints and train/eval switches see. One call of `forward_backward` runs one optimizer step's micro-batches.
     """
 
     def __init__(self, config: Config, dims: ParallelDims, device: torch.device,
@@ -276,7 +294,7 @@ class Pipeline:
                 warnings.filterwarnings("ignore", message=r"Parallelize plan key .* could not be resolved")
                 self.stages.append(parallelize(stage, dims, p, config.train))
         del model
-        self.model = nn.ModuleList(self.stages)
+        self.model = PipelineModel(self.stages)
         self.first = next((st for st in self.stages if st.is_first), None)
         self.last = next((st for st in self.stages if st.is_last), None)
         self.aux_names = list(self.injection.aux_heads)
