@@ -340,7 +340,24 @@ def _check_pipeline(config: Config) -> None:
             "to interleaved1f1b or zero_bubble, or parallel.pp_virtual_stages = 1"
         )
     if p.pp_schedule == "zbv" and v != 2:
-        raise UserError(f"parallel.pp_schedule = zbv places exactly 2 stages per rank: set parallel.pp_virtual_stages = 2")
+        raise UserError("parallel.pp_schedule = zbv places exactly 2 stages per rank: set parallel.pp_virtual_stages = 2")
+    if p.pp_schedule in ("zero_bubble", "zbv") and p.zero == 3 and (p.dp > 1 or p.cpu_offload):
+        raise UserError(
+            f"parallel.pp_schedule = {p.pp_schedule} with parallel.zero = 3: torch 2.13's split backward (weight "
+            "gradients after input gradients) loses gradients of parameters FSDP reshards after forward; "
+            "use parallel.zero = 2 or 0, or another schedule"
+        )
+    if config.checkpoint.enabled:
+        raise UserError(
+            "parallel.pp > 1 cannot checkpoint yet (resuming the stages' optimizer state fails on torch 2.13's "
+            "distributed state dict); set checkpoint.enabled = false, or train with parallel.pp = 1"
+        )
+    if p.zero == 1 and p.dp > 1:
+        raise UserError(
+            "parallel.zero = 1 with parallel.pp > 1: pipeline stages are data-parallel through the composable "
+            "replicate (DTensor parameters), which torch 2.13's ZeroRedundancyOptimizer cannot hold; "
+            "use parallel.zero = 2"
+        )
     stages = p.pp * v
     counts = pp_split_counts(p)
     if counts:
@@ -355,15 +372,15 @@ def _check_pipeline(config: Config) -> None:
             f"({v}); change them or give explicit layer counts per stage in parallel.pp_split"
         )
     n = accumulation_steps(config)
-    needs = {"1f1b": p.pp, "interleaved1f1b": p.pp, "zero_bubble": p.pp, "zbv": p.pp}.get(p.pp_schedule, 1)
-    if n < needs:
+    where = f"{n} micro-batches per step (train.global_batch / (train.micro_batch x parallel.dp))"
+    if p.pp_schedule == "1f1b" and n < p.pp:
         raise UserError(
-            f"{n} micro-batches per step (train.global_batch / (train.micro_batch x parallel.dp)) but "
-            f"parallel.pp_schedule = {p.pp_schedule} needs at least parallel.pp ({p.pp}); "
-            "raise train.global_batch or lower train.micro_batch"
+            f"{where}, but parallel.pp_schedule = 1f1b needs at least parallel.pp ({p.pp}); "
+            "raise train.global_batch, lower train.micro_batch, or use gpipe"
         )
-    if p.pp_schedule in ("interleaved1f1b", "zero_bubble") and n % p.pp:
+    rounds = max(1, n // p.pp)
+    if p.pp_schedule in ("interleaved1f1b", "zero_bubble") and n % rounds:
         raise UserError(
-            f"{n} micro-batches per step (train.global_batch / (train.micro_batch x parallel.dp)) is not a multiple "
-            f"of parallel.pp ({p.pp}), which parallel.pp_schedule = {p.pp_schedule} needs"
+            f"{where} do not form equal rounds of parallel.pp ({p.pp}), which parallel.pp_schedule = "
+            f"{p.pp_schedule} needs: use fewer than parallel.pp or a multiple of it"
         )

@@ -83,6 +83,7 @@ def dummy_injection():
 
 def make_config(data: str, overrides: dict, world: int) -> Config:
     config = Config()
+    config.checkpoint.enabled = False  # the worker drives the Trainer without a Checkpointer
     config.data.path, config.data.tokenizer = data, data + ".model"
     for name, value in overrides.items():
         section, key = name.split(".")

@@ -126,6 +126,7 @@ def test_references_learn(curves):
 
 def _layout(world: int, **fields) -> Config:
     config = Config()
+    config.checkpoint.enabled = False  # pp > 1 cannot checkpoint yet (tested below)
     for name, value in fields.items():
         section, key = name.split("__")
         apply(config, section, key, value, "test")
@@ -161,6 +162,11 @@ def test_bad_pipeline_layouts(world, fields, message):
     with pytest.raises(UserError, match=message) as info:
         _layout(world, **fields)
     assert "\n" not in str(info.value)
+
+
+def test_pipeline_checkpoints_refused():
+    with pytest.raises(UserError, match=r"parallel.pp > 1 cannot checkpoint yet"):
+        _layout(2, parallel__pp=2, checkpoint__enabled=True)
 
 
 def test_good_pipeline_layouts():

@@ -84,8 +84,9 @@ def test_zero1_with_lamb(curves):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_memory_per_zero_stage(curves):
-    """Stage 1 shards optimizer state, stage 2 also gradients, stage 3 also the parameters held
-    between steps: each at most 1/dp of stage 0 plus small slack (dp = 2)."""
+    """Stage 1 shards optimizer state, stage 2 also gradients, stage 3 also the parameters: each at
+    most 1/dp of stage 0 plus small slack (dp = 2). Between steps FSDP2 holds stage 2's
+    parameters sharded too; they are whole only from forward to the end of backward."""
     mem = {z: curves[f"zero{z}"][-1] for z in range(4)}
     slack = 1.05
     p0, g0, o0 = mem[0]["mem_params_bytes"], mem[0]["mem_grads_bytes"], mem[0]["mem_optimizer_bytes"]

@@ -62,8 +62,9 @@ def estimate_state_bytes(model_cfg, *, tp: int = 1, dp: int = 1, zero: int = 0, 
     from the model on the meta device and the TP plan (no process group, no memory).
 
     Tied weights count once. AdamW and LAMB keep two fp32 slots per value. ZeRO divides by dp
-    (by the shard group under HSDP): stage 1 the optimizer state, stage 2 also the gradients,
-    stage 3 also the parameters.
+    (by the shard group under HSDP): stage 1 the optimizer state, stage 2 also the gradients and,
+    between steps, the parameters (FSDP2 reshards them after backward; stage 2 differs from 3 in
+    keeping them whole from forward to the end of backward: + the full size at peak).
     """
     from rapidnlp.model.bert import BertForMLM
     from rapidnlp.parallel.tensor_parallel import is_tp_sharded
@@ -73,7 +74,7 @@ def estimate_state_bytes(model_cfg, *, tp: int = 1, dp: int = 1, zero: int = 0, 
     per_rank = sum(p.numel() / tp if is_tp_sharded(n) else p.numel() for n, p in model.named_parameters())
     shard = hsdp_shard or dp
     values = {
-        "mem_params_bytes": per_rank / (shard if zero >= 3 else 1),
+        "mem_params_bytes": per_rank / (shard if zero >= 2 else 1),
         "mem_grads_bytes": per_rank / (shard if zero >= 2 else 1),
         "mem_optimizer_bytes": optimizer_slots * per_rank / (shard if zero >= 1 else 1),
     }

@@ -34,6 +34,7 @@ from rapidnlp.optim import build_optimizer, lr_at
 from rapidnlp.optim.loss_scale import DynamicLossScaler
 from rapidnlp.optim.norms import clip_grad_norm_
 from rapidnlp.parallel import parallelize, uses_loss_parallel
+from rapidnlp.parallel.pipeline import Injection, build_pipeline
 from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
 from rapidnlp.pretrain.mlm import mlm_loss_sum
 from rapidnlp.train.checkpoint import Checkpointer
@@ -111,15 +112,21 @@ def _gradient_sync(model, enabled: bool):
 
 
 class Trainer:
-    def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None):
+    def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None,
+                 injection: Injection | None = None):
         self.config = config
         self.dims = dims
         self.device = dims.device
         self.data = data or load_data(config)
         t = config.train
         seed_everything(t.seed)  # identical initial weights on every rank
-        model = BertForMLM(config.model).to(self.device)
-        self.model = parallelize(model, dims, config.parallel, t)
+        self.pipeline = None  # pp > 1 or knowledge injection: stages run by rapidnlp.parallel.pipeline
+        if dims.pp_enabled or injection is not None:
+            self.pipeline = build_pipeline(config, dims, self.device, injection, forward_context=self._autocast)
+            self.model = self.pipeline.model
+        else:
+            model = BertForMLM(config.model).to(self.device)
+            self.model = parallelize(model, dims, config.parallel, t)
         zero1 = dims.mesh["dp"].get_group() if config.parallel.zero == 1 and dims.dp_enabled else None
         self.optimizer = build_optimizer(self.model, t, zero1_group=zero1)
         self.loss_parallel = uses_loss_parallel(dims, config.parallel)
@@ -172,6 +179,10 @@ class Trainer:
         # The loss is a mean over the global batch; dp wrappers average gradients over dp ranks,
         # so each rank's share is scaled by dp to make that average the sum.
         scale = self.dims.dp / global_count * (self.scaler.scale if self.scaler else 1.0)
+        if self.pipeline is not None:  # auxiliary losses enter as a mean per sample
+            aux_scale = scale * global_count / self.config.train.global_batch
+            loss_total, self._aux_total = self.pipeline.forward_backward(batches, scale, aux_scale)
+            return loss_total
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             with _gradient_sync(self.model, i == len(batches) - 1), self._loss_context():
@@ -195,7 +206,8 @@ class Trainer:
         memory = {"mem_params_bytes": tensor_bytes(params), "mem_grads_bytes": tensor_bytes(p.grad for p in params),
                   "mem_activation_bytes": self.activations.bytes}
         overflow = self.scaler.unscale_and_check([p.grad for p in params if p.grad is not None]) if self.scaler else False
-        grad_norm = None if overflow else clip_grad_norm_(params, t.clip_grad)
+        clip = self.pipeline.clip_grad_norm_ if self.pipeline else lambda c: clip_grad_norm_(params, c)
+        grad_norm = None if overflow else clip(t.clip_grad)
         if not overflow:  # fp16 overflow: skip the update, the scaler backs off
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -215,6 +227,9 @@ class Trainer:
             **memory,
             "mem_optimizer_bytes": optimizer_state_bytes(self.optimizer),
         }
+        if self.pipeline is not None and self.pipeline.aux_names:
+            aux = _reduce_dp(self._aux_total.clone(), self.dims) / t.global_batch
+            row.update({f"aux_{name}": float(v) for name, v in zip(self.pipeline.aux_names, aux)})
         if self.scaler:
             row["loss_scale"] = self.scaler.scale  # the scale this step ran with
             self.scaler.update(overflow)
@@ -235,6 +250,9 @@ class Trainer:
         for _ in range(t.eval_batches):
             batches = [self._batch(builder, idx) for idx in sampler.next_step()]
             count += self._global_count(batches)
+            if self.pipeline is not None:
+                total += self.pipeline.evaluate(batches)
+                continue
             for batch in batches:
                 with self._loss_context():
                     total += _scalar(self._forward_loss(batch))
