@@ -28,7 +28,7 @@ class MetricsWriter:
         self.stream = stream or sys.stdout
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.started = time.perf_counter()
-        self.first_step = None  # the step the clock started at (a resumed run starts late)
+        self.first_step = 0  # the step the clock started at (a resumed run starts late)
         self.tb = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
@@ -36,6 +36,10 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter  # optional dependency
 
                 self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def start(self, step: int) -> None:
+        """Start the ETA clock at this step (training is about to begin)."""
+        self.first_step, self.started = step, time.perf_counter()
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -51,8 +55,6 @@ class MetricsWriter:
         if not self.enabled:
             return
         step = row["step"]
-        if self.first_step is None:
-            self.first_step = step - 1
         per_step = (time.perf_counter() - self.started) / (step - self.first_step)
         eta = _duration(per_step * (self.total_steps - step))
         val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""

@@ -276,6 +276,7 @@ class Trainer:
         resumed_from = None
         if resume:
             resumed_from = checkpointer.load(self, resume)["step"]
+        self.metrics.start(self.step)
         self.model.train()
         while self.step < t.steps:
             row = self.train_step()
