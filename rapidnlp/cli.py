@@ -138,12 +138,12 @@ def _params(args: argparse.Namespace) -> int:
         os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".toml")
     )
     layout = _parse_layout(args.layout) if args.layout else None
+    configs = [(path, load_config(path)) for path in paths]  # bad files fail before any output
     header = f"{'config':<14}{'layers':>7}{'hidden':>8}{'heads':>6}{'vocab':>8}{'total':>16}{'non-embedding':>16}"
     if layout:
         header += f"{'params MiB/rank':>17}{'grads MiB/rank':>16}{'optim MiB/rank':>16}"
     print(header)
-    for path in paths:
-        config = load_config(path)
+    for path, config in configs:
         m = config.model
         if m.vocab_size == 0:
             m.vocab_size = args.vocab_size
