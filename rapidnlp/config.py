@@ -79,6 +79,7 @@ class TrainConfig:
     eps: float = 1e-6
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still reported)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16: dtype of the dp gradient reduction (bf16 halves its traffic)
     loss_scale: float = 65536.0  # fp16: initial loss scale
     loss_scale_window: int = 1000  # fp16: grow the scale x2 after this many steps without inf/nan
     activation_checkpoint: str = "none"  # none | full | selective (attention core only)
@@ -89,6 +90,8 @@ class TrainConfig:
     log_interval: int = 1
     tensorboard: bool = False
     peak_tflops: float = 0.0  # per device; 0: look the device up (CPU needs a configured value)
+    backend: str = "torch"  # torch | deepspeed (the optional DeepSpeed engine, pip install ".[deepspeed]")
+    deepspeed_config: str = ""  # deepspeed: a DeepSpeed JSON config; its ZeRO/offload/precision settings win
 
 
 @dataclass
@@ -250,11 +253,6 @@ def resolve_layout(config: Config, world_size: int) -> None:
             "parallel.zero = 1 with parallel.tp > 1: torch 2.13's ZeroRedundancyOptimizer cannot hold DTensor "
             "parameters; use parallel.zero = 2 (sharded gradients and optimizer state)"
         )
-    if p.zero == 1 and p.dp > 1 and config.checkpoint.enabled:
-        raise UserError(
-            "parallel.zero = 1 cannot checkpoint yet (torch 2.13's distributed state dict cannot read or write "
-            "ZeroRedundancyOptimizer's partitions); use parallel.zero = 2, or set checkpoint.enabled = false"
-        )
     if p.hsdp_shard:
         if p.zero < 2:
             raise UserError(f"parallel.hsdp_shard = {p.hsdp_shard} needs parallel.zero = 2 or 3")
@@ -288,6 +286,12 @@ def resolve_layout(config: Config, world_size: int) -> None:
         )
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"train.precision = '{t.precision}': choose fp32, bf16 or fp16")
+    if t.grad_reduce_dtype not in ("fp32", "bf16"):
+        raise UserError(f"train.grad_reduce_dtype = '{t.grad_reduce_dtype}': choose fp32 or bf16")
+    if t.backend not in ("torch", "deepspeed"):
+        raise UserError(f"train.backend = '{t.backend}': choose torch or deepspeed")
+    if t.backend == "deepspeed":
+        _check_deepspeed(config)
     if t.activation_checkpoint not in ("none", "full", "selective"):
         raise UserError(f"train.activation_checkpoint = '{t.activation_checkpoint}': choose none, full or selective")
     if t.activation_checkpoint_every < 1:
@@ -300,6 +304,28 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"data.mask_prob ({config.data.mask_prob}) must be between 0 and 1")
     if p.pp > 1:
         _check_pipeline(config)
+
+
+def _check_deepspeed(config: Config) -> None:
+    """What the DeepSpeed backend runs: its own engine over data parallelism (ZeRO 0-3, CPU
+    offload); tensor and pipeline parallelism stay with the torch backend."""
+    p, t = config.parallel, config.train
+    if p.pp > 1 and p.zero >= 2:
+        raise UserError(
+            f"train.backend = deepspeed with parallel.pp > 1 and parallel.zero = {p.zero}: DeepSpeed's pipeline "
+            "engine cannot combine with ZeRO-2/3; use train.backend = torch (pipelines compose with ZeRO-2/3 there)"
+        )
+    if p.pp > 1 or p.tp > 1:
+        raise UserError(
+            "train.backend = deepspeed runs data parallelism only (parallel.tp = 1, parallel.pp = 1); "
+            "use train.backend = torch for tensor and pipeline parallelism"
+        )
+    if p.hsdp_shard:
+        raise UserError("train.backend = deepspeed: parallel.hsdp_shard is torch's HSDP; DeepSpeed's is hpZ in its JSON config")
+    if t.optimizer != "adamw":
+        raise UserError(f"train.backend = deepspeed: train.optimizer = {t.optimizer} is not offered; use adamw")
+    if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
+        raise UserError(f"train.deepspeed_config: {t.deepspeed_config} not found")
 
 
 def accumulation_steps(config: Config) -> int:
@@ -346,11 +372,6 @@ def _check_pipeline(config: Config) -> None:
             f"parallel.pp_schedule = {p.pp_schedule} with parallel.zero = 3: torch 2.13's split backward (weight "
             "gradients after input gradients) loses gradients of parameters FSDP reshards after forward; "
             "use parallel.zero = 2 or 0, or another schedule"
-        )
-    if config.checkpoint.enabled:
-        raise UserError(
-            "parallel.pp > 1 cannot checkpoint yet (resuming the stages' optimizer state fails on torch 2.13's "
-            "distributed state dict); set checkpoint.enabled = false, or train with parallel.pp = 1"
         )
     if p.zero == 1 and p.dp > 1:
         raise UserError(

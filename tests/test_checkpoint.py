@@ -96,6 +96,8 @@ def test_exact_resume_after_kill_9(pd_dataset, reference, tmp_path):
     ("1", []),                                  # dp=2 fsdp -> single process
     ("2", ["--parallel.dp_mode", "ddp"]),       # fsdp -> ddp
     ("2", ["--parallel.tp", "2"]),              # dp=2 -> tp=2
+    ("2", ["--parallel.pp", "2"]),              # dp=2 -> pp=2
+    ("2", ["--parallel.zero", "1"]),            # fsdp -> ZeRO-1
 ])
 def test_resume_across_layouts(pd_dataset, reference, tmp_path, nproc, layout):
     run_dir = tmp_path / "run"
@@ -103,6 +105,28 @@ def test_resume_across_layouts(pd_dataset, reference, tmp_path, nproc, layout):
     ok(run_cli(*train_args(pd_dataset, run_dir), "--nproc", nproc, *layout, "--resume", str(step4)))
     got, ref = losses(run_dir), losses(reference)
     assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", [
+    ["--parallel.pp", "2"],                                           # 1f1b, stages on two ranks
+    ["--parallel.pp", "2", "--parallel.pp_schedule", "zbv", "--parallel.pp_virtual_stages", "2",
+     "--parallel.zero", "2"],                                         # V: first and last stage on one rank
+    ["--parallel.zero", "1"],                                         # ZeroRedundancyOptimizer partitions
+], ids=["pp2", "pp2_zbv", "zero1"])
+def test_resume_pipeline_and_zero1(pd_dataset, tmp_path, layout):
+    """Same layout: bit for bit; then pp = 1 (or ZeRO-1 -> plain), single process: within 1e-4."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    ok(run_cli(*train_args(pd_dataset, a, 6), "--nproc", "2", *layout))
+    ok(run_cli(*train_args(pd_dataset, b, 6), "--nproc", "2", *layout, "--resume", str(a / "checkpoints" / "step_2")))
+    ref = losses(a)
+    assert losses(b) == {s: ref[s] for s in range(3, 7)}
+    ok(run_cli(*train_args(pd_dataset, c, 6), "--resume", str(a / "checkpoints" / "step_4")))
+    got = losses(c)
+    assert sorted(got) == [5, 6]
     for step in got:
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=0)
 

@@ -78,11 +78,19 @@ def _layout(world, **fields):
     (1, {"parallel__dp_mode": "zero"}, r"parallel.dp_mode = 'zero'"),
     (1, {"train__precision": "fp8"}, r"train.precision = 'fp8'"),
     (2, {"parallel__zero": 1, "parallel__tp": 2, "train__global_batch": 8}, r"parallel.zero = 1 with parallel.tp > 1"),
-    (2, {"parallel__zero": 1}, r"parallel.zero = 1 cannot checkpoint yet"),
     (2, {"parallel__hsdp_shard": 2, "parallel__zero": 0}, r"parallel.hsdp_shard = 2 needs parallel.zero = 2 or 3"),
     (4, {"parallel__hsdp_shard": 3}, r"parallel.dp \(4\) is not divisible by parallel.hsdp_shard \(3\)"),
     (2, {"parallel__cpu_offload": True, "parallel__zero": 2}, r"parallel.cpu_offload needs parallel.zero = 3"),
     (1, {"train__activation_checkpoint": "some"}, r"train.activation_checkpoint = 'some'"),
+    (1, {"train__grad_reduce_dtype": "fp8"}, r"train.grad_reduce_dtype = 'fp8'"),
+    (1, {"train__backend": "megatron"}, r"train.backend = 'megatron': choose torch or deepspeed"),
+    (4, {"train__backend": "deepspeed", "parallel__pp": 2, "parallel__zero": 2},
+     r"DeepSpeed's pipeline engine cannot combine with ZeRO-2/3"),
+    (2, {"train__backend": "deepspeed", "parallel__tp": 2, "train__global_batch": 8},
+     r"train.backend = deepspeed runs data parallelism only"),
+    (2, {"train__backend": "deepspeed", "train__optimizer": "lamb"}, r"train.optimizer = lamb is not offered"),
+    (2, {"train__backend": "deepspeed", "train__deepspeed_config": "/no/such/ds.json"},
+     r"train.deepspeed_config: /no/such/ds.json not found"),
 ])
 def test_impossible_layouts(world, fields, message):
     with pytest.raises(UserError, match=message) as info:

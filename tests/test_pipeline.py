@@ -126,7 +126,6 @@ def test_references_learn(curves):
 
 def _layout(world: int, **fields) -> Config:
     config = Config()
-    config.checkpoint.enabled = False  # pp > 1 cannot checkpoint yet (tested below)
     for name, value in fields.items():
         section, key = name.split("__")
         apply(config, section, key, value, "test")
@@ -156,17 +155,12 @@ def _layout(world: int, **fields) -> Config:
      r"parallel.pp_schedule = zero_bubble with parallel.zero = 3: .* use parallel.zero = 2 or 0"),
     (2, {"parallel__pp": 2, "parallel__pp_schedule": "zbv", "parallel__pp_virtual_stages": 2, "parallel__zero": 3,
          "parallel__cpu_offload": True}, r"parallel.pp_schedule = zbv with parallel.zero = 3"),
-    (4, {"parallel__pp": 2, "parallel__zero": 1, "checkpoint__enabled": False}, r"parallel.zero = 1 with parallel.pp > 1: .* use parallel.zero = 2"),
+    (4, {"parallel__pp": 2, "parallel__zero": 1}, r"parallel.zero = 1 with parallel.pp > 1: .* use parallel.zero = 2"),
 ])
 def test_bad_pipeline_layouts(world, fields, message):
     with pytest.raises(UserError, match=message) as info:
         _layout(world, **fields)
     assert "\n" not in str(info.value)
-
-
-def test_pipeline_checkpoints_refused():
-    with pytest.raises(UserError, match=r"parallel.pp > 1 cannot checkpoint yet"):
-        _layout(2, parallel__pp=2, checkpoint__enabled=True)
 
 
 def test_good_pipeline_layouts():

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
 
 from rapidnlp.errors import UserError
 from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
@@ -172,6 +173,87 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
+# ----------------------------------------------------------------------------- what is saved
+#
+# DCP keys are the full model's parameter names in every layout, so a checkpoint reloads at any
+# other: "model.<name>" for the weights (module.state_dict(): DTensor shards under TP/FSDP, whole
+# tensors otherwise) and "optim.<name>.<state>" (exp_avg, exp_avg_sq, step) for the optimizer,
+# keyed by name rather than torch's per-rank parameter numbering. That is what lets pipeline
+# stages (each rank holds other parameters) and ZeRO-1 (each rank holds the state of other
+# parameters, as whole tensors) save and load like every other layout. Optimizer
+# hyper-parameters are not saved: they come from the config (the LR from the schedule).
+
+# Under pipelining the last stage holds its own copy of the tied word embedding as the MLM
+# decoder (rapidnlp.parallel.pipeline); both copies take the same steps, so the optimizer state of
+# the copy is the embedding's, saved once under the embedding's name.
+TIED_COPIES = {"lm_head.decoder.weight": "embeddings.word_embeddings.weight"}
+
+
+def _module(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state (ZeRO-1: the one over this rank's partition)."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return _module(model).state_dict()
+
+
+def _ensure_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Create the optimizer's state (zeros) where it has none yet, so that a checkpoint can be
+    loaded into it (or a step-0 state saved): one step with zero gradients and LR 0, which
+    changes no weight. Collective (ZeRO-1 and LAMB communicate in step), so every rank takes it
+    when any rank needs it."""
+    local = _local_optimizer(optimizer)
+    params = [p for g in local.param_groups for p in g["params"]]
+    missing = torch.tensor([float(any(p not in local.state for p in params))], device=device)
+    dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+    if not missing.item():
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in _module(model).parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, dict]:
+    """{parameter name: its optimizer state tensors} for the parameters whose state this rank
+    holds, under the names every layout shares. The tensors are the optimizer's own, so a DCP
+    load into this dict restores them in place. A tied copy whose original is on this rank too
+    is left out (restored by `_sync_tied_copies`)."""
+    _ensure_optimizer_state(model, optimizer, device)
+    local = _local_optimizer(optimizer)
+    names = {id(p): n for n, p in _module(model).named_parameters()}
+    out: dict[str, dict] = {}
+    for group in local.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            key = TIED_COPIES.get(name, name)
+            if key not in out:
+                out[key] = local.state[p]
+    return out
+
+
+def _sync_tied_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A rank holding both a tied copy and its original (zbv's V placement puts the first and
+    last stage on one rank) gives the copy the original's loaded optimizer state."""
+    local = _local_optimizer(optimizer)
+    params = dict(_module(model).named_parameters())
+    for copy, original in TIED_COPIES.items():
+        if copy in params and original in params and params[copy] in local.state:
+            for k, v in local.state[params[original]].items():
+                local.state[params[copy]][k].copy_(v)
+
+
 def layout(trainer) -> dict:
     p = trainer.config.parallel
     return {"pp": p.pp, "dp": p.dp, "tp": p.tp, "dp_mode": p.dp_mode, "zero": p.zero,
@@ -207,8 +289,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
             os.makedirs(os.path.join(tmp, "rng"))
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        state = {"model": model_state(trainer.model), "optim": optimizer_state(trainer.model, trainer.optimizer, trainer.device)}
+        dcp.save(state, checkpoint_id=tmp)
         with open(os.path.join(tmp, "rng", f"rank_{rank}.json"), "w") as f:
             json.dump(rng_state(), f)
         dist.barrier()
@@ -253,7 +335,7 @@ class Checkpointer:
     def load(self, trainer, path: str) -> dict:
         """Restore model, optimizer, step, sampler and (same layout) RNG states from `path`."""
         rank = dist.get_rank()
-        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        model_sd = model_state(trainer.model)
         error = [None]
         if rank == 0:
             try:
@@ -266,14 +348,14 @@ class Checkpointer:
             raise UserError(error[0])
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        if meta.get("kind") == "weights":  # imported (rapidnlp convert --from hf): a fresh run from these weights
-            dcp.load({"model": model_sd}, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
-            set_model_state_dict(trainer.model, model_sd)
-            return meta
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd}
+        if meta.get("kind") != "weights":  # imported (rapidnlp convert --from hf): a fresh run from these weights
+            state["optim"] = optimizer_state(trainer.model, trainer.optimizer, trainer.device)
         dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
-        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        _module(trainer.model).load_state_dict(state["model"])
+        if "optim" not in state:
+            return meta
+        _sync_tied_copies(trainer.model, trainer.optimizer)
         trainer.step = meta["step"]
         trainer.sampler.load_state_dict(meta["sampler"])
         if trainer.scaler and meta.get("loss_scaler"):
