@@ -28,7 +28,9 @@ RUNS = {
     + [{"name": "zero1_lamb", "overrides": {"parallel.zero": 1, "train.optimizer": "lamb"}},
        {"name": "single_lamb_ref", "overrides": {"parallel.zero": 0, "train.optimizer": "lamb"}},
        {"name": "offload", "overrides": {"parallel.zero": 3, "parallel.cpu_offload": True}},
-       {"name": "zero3_ac_full", "overrides": {"parallel.zero": 3, "train.activation_checkpoint": "full"}}],
+       {"name": "zero3_ac_full", "overrides": {"parallel.zero": 3, "train.activation_checkpoint": "full"}},
+       {"name": "zero0_bf16_reduce", "overrides": {"parallel.zero": 0, "train.grad_reduce_dtype": "bf16"}},
+       {"name": "zero2_bf16_reduce", "overrides": {"parallel.zero": 2, "train.grad_reduce_dtype": "bf16"}}],
     4: [{"name": "hsdp", "overrides": {"parallel.zero": 3, "parallel.hsdp_shard": 2}},
         {"name": "hsdp_zero2", "overrides": {"parallel.zero": 2, "parallel.hsdp_shard": 2}},
         {"name": "tp2_zero2", "overrides": {"parallel.zero": 2, "parallel.tp": 2}}],
@@ -73,6 +75,18 @@ def test_activation_checkpointing_is_bit_identical_and_saves_activations(curves)
     assert full < 0.35 * none, (full, none)  # only each block's input survives the forward
     assert selective < none, (selective, none)
     assert curves["ac_full_every2"][-1]["mem_activation_bytes"] < none
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["zero0_bf16_reduce", "zero2_bf16_reduce"])
+def test_bf16_gradient_reduction(curves, name):
+    """train.grad_reduce_dtype = bf16 (DDP hook; FSDP2 reduce_dtype): really reduced in bf16 (the
+    first step's gradient norm moves off the fp32 one), and training stays on the fp32 curve."""
+    ref, got = curves["single"], curves[name]
+    assert got[0]["grad_norm"] != pytest.approx(ref[0]["grad_norm"], rel=1e-6, abs=0)
+    np.testing.assert_allclose(series(got, "grad_norm"), series(ref, "grad_norm"), rtol=2e-3)
+    np.testing.assert_allclose(series(got, "loss"), series(ref, "loss"), rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ over the dp axis, which composes with the tp DTensors into 2-D ones.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from rapidnlp.config import ParallelConfig, TrainConfig
@@ -23,10 +24,13 @@ def parallelize(model: BertForMLM, dims: ParallelDims, cfg: ParallelConfig, trai
         )
     apply_activation_checkpointing(model, train.activation_checkpoint, train.activation_checkpoint_every)
     if dims.dp_enabled or cfg.cpu_offload:
+        reduce_dtype = torch.bfloat16 if train.grad_reduce_dtype == "bf16" else None  # None: the parameters' fp32
         if cfg.zero >= 2:
-            return apply_fsdp(model, dims.fsdp_mesh, reshard_after_forward=cfg.zero == 3, cpu_offload=cfg.cpu_offload)
+            return apply_fsdp(model, dims.fsdp_mesh, reshard_after_forward=cfg.zero == 3, cpu_offload=cfg.cpu_offload,
+                              reduce_dtype=reduce_dtype)
         # Pipeline stages need the composable replicate too: DDP's reducer asserts under Interleaved1F1B.
-        return apply_ddp(model, dims.mesh["dp"], has_dtensors=dims.tp_enabled or dims.pp_enabled)
+        return apply_ddp(model, dims.mesh["dp"], has_dtensors=dims.tp_enabled or dims.pp_enabled,
+                         reduce_dtype=reduce_dtype)
     return model
 
 

@@ -8,6 +8,12 @@
 - HSDP: stage 2/3 over a 2-D (replicate, shard) mesh: shard within a group, all-reduce across;
 - CPU offload (stage 3): FSDP2's CPUOffloadPolicy, pinned memory only where CUDA exists.
 
+Gradients are reduced in fp32 (the parameters are fp32 master weights; bf16/fp16 is autocast
+compute) unless `train.grad_reduce_dtype = bf16`, which halves the reduction traffic: FSDP2 and
+`replicate` take it as MixedPrecisionPolicy(reduce_dtype), classic DDP as its bf16 compression
+hook (our own: torch's asks for NCCL); the reduced gradient is cast back to fp32 before the
+optimizer sees it.
+
 DDP is classic `DistributedDataParallel` when the model holds no DTensors (tp = 1), and the
 composable, FSDP-based `replicate` otherwise: classic DDP fails on DTensor parameters
 (ARCHITECTURE.md).
@@ -19,19 +25,21 @@ global batch, so it scales each rank's loss by dp to turn that average back into
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from rapidnlp.model.bert import BertForMLM
 
 
 def apply_fsdp(model: BertForMLM, mesh: DeviceMesh, *, reshard_after_forward: bool = True,
-               cpu_offload: bool = False) -> nn.Module:
+               cpu_offload: bool = False, reduce_dtype: torch.dtype | None = None) -> nn.Module:
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload,
+                  mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
     for block in model.layers.values():
         fully_shard(block, **kwargs)
     # The root unit holds the embeddings and the MLM head: the tied weight lives in one unit.
@@ -39,8 +47,24 @@ def apply_fsdp(model: BertForMLM, mesh: DeviceMesh, *, reshard_after_forward: bo
     return model
 
 
-def apply_ddp(model: BertForMLM, dp_mesh: DeviceMesh, *, has_dtensors: bool) -> nn.Module:
+def apply_ddp(model: BertForMLM, dp_mesh: DeviceMesh, *, has_dtensors: bool,
+              reduce_dtype: torch.dtype | None = None) -> nn.Module:
     if has_dtensors:
-        replicate(model, mesh=dp_mesh)
+        replicate(model, mesh=dp_mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
         return model
-    return DistributedDataParallel(model, process_group=dp_mesh.get_group(), broadcast_buffers=False)
+    ddp = DistributedDataParallel(model, process_group=dp_mesh.get_group(), broadcast_buffers=False)
+    if reduce_dtype == torch.bfloat16:
+        ddp.register_comm_hook(dp_mesh.get_group(), _bf16_allreduce)
+    return ddp
+
+
+def _bf16_allreduce(group: dist.ProcessGroup, bucket):
+    """DDP comm hook: average a gradient bucket (a dist.GradBucket; DDP refuses its annotations as
+    strings) in bf16, on any backend. Returns a future of the averaged fp32 bucket."""
+    compressed = bucket.buffer().to(torch.bfloat16).div_(group.size())
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(fut: torch.futures.Future) -> torch.Tensor:
+        return bucket.buffer().copy_(fut.value()[0])
+
+    return future.then(decompress)
