@@ -83,12 +83,14 @@ def _run_worker(config, resume: str | None) -> int:
         p, c = config.parallel, config.checkpoint
         resume_path = resolve_resume(resume, config.train.run_dir)
         dims = ParallelDims.from_config(p)
+        if config.train.backend == "deepspeed":  # the optional extra: imported only when asked for
+            from rapidnlp.train.deepspeed_backend import DeepSpeedTrainer as Trainer  # noqa: F811
         trainer = Trainer(config, dims)
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption: save, then exit 0
             signal.signal(sig, trainer.request_stop)
         checkpointer = Checkpointer(
             config.train.run_dir, interval=c.interval, minutes=c.minutes, keep_last=c.keep_last,
-            keep_every=c.keep_every, tokenizer=config.data.tokenizer,
+            keep_every=c.keep_every, tokenizer=config.data.tokenizer, async_save=c.async_save,
         ) if c.enabled else None
         if resume_path and checkpointer is None:
             raise UserError("--resume needs checkpoint.enabled = true")

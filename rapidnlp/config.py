@@ -112,6 +112,7 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step permanently
     enabled: bool = True  # false: no checkpoints at all (benchmarks)
+    async_save: bool = False  # write shards in a background thread (a CPU copy of the state meanwhile)
 
 
 @dataclass

@@ -92,6 +92,23 @@ def test_exact_resume_after_kill_9(pd_dataset, reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_async_save_resumes_exactly(pd_dataset, reference, tmp_path):
+    """checkpoint.async_save: the same checkpoints (a background thread writes them while training
+    goes on), and resuming from one continues bit for bit."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    ok(run_cli(*train_args(pd_dataset, a), "--nproc", "2", "--checkpoint.async_save", "true"))
+    assert losses(a) == losses(reference)
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["latest", "step_4", "step_6", "step_8"]
+    meta = json.loads((a / "checkpoints" / "step_4" / "meta.json").read_text())
+    assert meta["step"] == 4 and {".metadata", "rng/rank_1.json"} <= set(meta["files"])
+    ok(run_cli(*train_args(pd_dataset, b), "--nproc", "2", "--checkpoint.async_save", "true",
+               "--resume", str(a / "checkpoints" / "step_4")))
+    ref = losses(reference)
+    assert losses(b) == {s: ref[s] for s in range(5, 9)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("nproc, layout", [
     ("1", []),                                  # dp=2 fsdp -> single process
     ("2", ["--parallel.dp_mode", "ddp"]),       # fsdp -> ddp

@@ -9,7 +9,8 @@
     <run_dir>/checkpoints/latest   "step_N", written last
 
 A checkpoint is written under a temporary name and renamed when complete; `latest` is
-replaced atomically after that, so a save killed midway leaves the previous one intact.
+replaced atomically after that, so a save killed midway leaves the previous one intact. With
+async saves the shards are written by a background thread and the rename happens in `wait()`.
 Loading never unpickles code (rapidnlp/train/safe_dcp.py): tensors through DCP, everything
 else JSON. meta.json's manifest (size and CRC32 of every file) names a damaged file.
 """
@@ -265,13 +266,16 @@ class Checkpointer:
     `keep_every`-th permanently), and loads them back into a Trainer."""
 
     def __init__(self, run_dir: str, *, interval: int = 0, minutes: float = 0.0, keep_last: int = 3,
-                 keep_every: int = 0, tokenizer: str | None = None):
+                 keep_every: int = 0, tokenizer: str | None = None, async_save: bool = False):
         self.run_dir = run_dir
         self.interval = interval
         self.minutes = minutes
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.tokenizer = tokenizer
+        self.async_save = async_save
+        self._async_group = None
+        self._pending = None  # (future, tmp folder, final folder, meta, step) of the save to finish
         self.last_save_time = time.monotonic()
 
     def due(self, step: int) -> bool:
@@ -281,6 +285,11 @@ class Checkpointer:
         return bool(self.minutes) and time.monotonic() - self.last_save_time >= self.minutes * 60
 
     def save(self, trainer) -> str:
+        """Write step_N (as a temporary folder); synchronous saves also finish it. An async save
+        returns once the state is copied to CPU memory; the shards are written by a background
+        thread and the checkpoint is finished (manifest, rename, `latest`) by `wait()`, which
+        the next save, a load and the end of training call."""
+        self.wait()
         rank = dist.get_rank()
         final = step_dir(self.run_dir, trainer.step)
         tmp = final + ".tmp"
@@ -290,10 +299,18 @@ class Checkpointer:
             os.makedirs(os.path.join(tmp, "rng"))
         dist.barrier()
         state = {"model": model_state(trainer.model), "optim": optimizer_state(trainer.model, trainer.optimizer, trainer.device)}
-        dcp.save(state, checkpoint_id=tmp)
+        if self.async_save:
+            # The writer thread runs collectives of its own: on a separate gloo group, so that
+            # they never interleave with training's on the default group.
+            if self._async_group is None:
+                self._async_group = dist.new_group(backend="gloo")
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
+        else:
+            dcp.save(state, checkpoint_id=tmp)
+            future = None
         with open(os.path.join(tmp, "rng", f"rank_{rank}.json"), "w") as f:
             json.dump(rng_state(), f)
-        dist.barrier()
+        meta = None
         if rank == 0:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 f.write(trainer.config.to_json())
@@ -308,17 +325,31 @@ class Checkpointer:
                 "layout": layout(trainer),
                 "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None,
                 "saved_at": time.time(),
-                "files": manifest(tmp),
             }
-            write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+        self._pending = (future, tmp, final, meta, trainer.step)
+        if not self.async_save:
+            self.wait()
+        self.last_save_time = time.monotonic()
+        return final
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any: wait for its shards on every rank, then (rank 0)
+        write meta.json with the manifest, rename the folder and point `latest` at it."""
+        if self._pending is None:
+            return
+        future, tmp, final, meta, step = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        dist.barrier()
+        if dist.get_rank() == 0:
+            write_json_atomic(os.path.join(tmp, "meta.json"), {**meta, "files": manifest(tmp)})
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _atomic_write(os.path.join(checkpoints_root(self.run_dir), "latest"), os.path.basename(final))
-            self._prune(trainer.step)
+            self._prune(step)
         dist.barrier()
-        self.last_save_time = time.monotonic()
-        return final
 
     def _prune(self, current: int) -> None:
         root = checkpoints_root(self.run_dir)
@@ -334,6 +365,7 @@ class Checkpointer:
 
     def load(self, trainer, path: str) -> dict:
         """Restore model, optimizer, step, sampler and (same layout) RNG states from `path`."""
+        self.wait()
         rank = dist.get_rank()
         model_sd = model_state(trainer.model)
         error = [None]

@@ -294,6 +294,8 @@ class Trainer:
                     checkpointer.save(self)
                 if stop:
                     break
+        if checkpointer is not None:
+            checkpointer.wait()  # an async save still writing
         self.metrics.close()
         return rows
 
