@@ -1,10 +1,10 @@
 """Per-rank memory accounting: bytes of parameters, gradients, optimizer state and activations.
 
 Parameters, gradients and optimizer state are the local shards this rank holds (DTensor shards
-under TP/FSDP, ZeroRedundancyOptimizer's partition). Activations are the bytes autograd saves
-for backward during one micro-batch's forward, excluding the parameters themselves (which are
-saved by reference): on CPU the only way to see them, and the quantity activation
-checkpointing reduces. On GPU, CUDA's max_allocated is reported beside it (metrics.py).
+under TP/FSDP, ZeroRedundancyOptimizer's partition). Activations are the peak bytes autograd
+holds saved for backward during a step, excluding the parameters themselves (which are saved by
+reference): on CPU the only way to see them, and the quantity activation checkpointing and the
+pipeline schedule change. On GPU, CUDA's max_allocated is reported beside it (metrics.py).
 """
 from __future__ import annotations
 
@@ -30,30 +30,62 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class ActivationCounter:
-    """Counts the bytes saved for backward inside `track()`, each storage once.
+    """Peak bytes of the tensors saved for backward and still alive, over a `track()` block.
 
-    Parameters (leaves that require grad, also FSDP's unsharded ones) are saved by reference and
-    not counted."""
+    Each storage counts once, from the forward that saves it until autograd frees it after the
+    backward that used it. Over one training step this is one micro-batch's forward without
+    pipelining (micro-batches run forward and backward one after the other), and with it the
+    micro-batches a schedule keeps in flight on this rank (GPipe all of them, 1F1B at most
+    pp - stage). Parameters (leaves that require grad, also FSDP's unsharded ones) are saved by
+    reference and not counted."""
 
     def __init__(self):
-        self.bytes = 0
-        self._seen: set[int] = set()
+        self.bytes = 0  # the peak of the last track()
+        self._live = 0
+        self._refs: dict[int, list[int]] = {}  # storage pointer -> [saved references, bytes]
 
     def _pack(self, t: torch.Tensor):
-        if isinstance(t, torch.Tensor) and not t.is_meta and not (t.is_leaf and t.requires_grad):
-            local = local_tensor(t)
-            storage = local.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in self._seen:
-                self._seen.add(ptr)
-                self.bytes += storage.nbytes()
-        return t
+        if not isinstance(t, torch.Tensor) or t.is_meta or (t.is_leaf and t.requires_grad):
+            return t
+        storage = local_tensor(t).untyped_storage()
+        ptr = storage.data_ptr()
+        entry = self._refs.setdefault(ptr, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self._live += entry[1]
+            self.bytes = max(self.bytes, self._live)
+        entry[0] += 1
+        return _Saved(t, self, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self._refs.get(ptr)
+        if entry is None:  # saved under an earlier track()
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self._live -= entry[1]
+            del self._refs[ptr]
+
+    @staticmethod
+    def _unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
 
     @contextlib.contextmanager
     def track(self):
-        self.bytes, self._seen = 0, set()
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+        self.bytes, self._live, self._refs = 0, 0, {}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
+
+
+class _Saved:
+    """A saved tensor as autograd holds it; dropping it (autograd frees the graph) releases it."""
+
+    __slots__ = ("tensor", "_counter", "_ptr")
+
+    def __init__(self, tensor: torch.Tensor, counter: ActivationCounter, ptr: int):
+        self.tensor, self._counter, self._ptr = tensor, counter, ptr
+
+    def __del__(self):
+        self._counter._release(self._ptr)
 
 
 def estimate_state_bytes(model_cfg, *, tp: int = 1, dp: int = 1, zero: int = 0, hsdp_shard: int = 0,

@@ -181,15 +181,16 @@ class Trainer:
         scale = self.dims.dp / global_count * (self.scaler.scale if self.scaler else 1.0)
         if self.pipeline is not None:  # auxiliary losses enter as a mean per sample
             aux_scale = scale * global_count / self.config.train.global_batch
-            loss_total, self._aux_total = self.pipeline.forward_backward(batches, scale, aux_scale)
+            with self.activations.track():
+                loss_total, self._aux_total = self.pipeline.forward_backward(batches, scale, aux_scale)
             return loss_total
         loss_total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
-            with _gradient_sync(self.model, i == len(batches) - 1), self._loss_context():
-                with self.activations.track() if i == 0 else contextlib.nullcontext():
+        with self.activations.track():
+            for i, batch in enumerate(batches):
+                with _gradient_sync(self.model, i == len(batches) - 1), self._loss_context():
                     loss_sum = self._forward_loss(batch)
-                (loss_sum * scale).backward()
-            loss_total += _scalar(loss_sum).detach()
+                    (loss_sum * scale).backward()
+                loss_total += _scalar(loss_sum).detach()
         return loss_total
 
     def train_step(self) -> dict:
