@@ -36,8 +36,8 @@ class ActivationCounter:
     backward that used it. Over one training step this is one micro-batch's forward without
     pipelining (micro-batches run forward and backward one after the other), and with it the
     micro-batches a schedule keeps in flight on this rank (GPipe all of them, 1F1B at most
-    pp - stage). Parameters (leaves that require grad, also FSDP's unsharded ones) are saved by
-    reference and not counted."""
+    pp - stage). Parameters and views of them (leaves that require grad, also FSDP's unsharded
+    ones) are saved by reference and not counted."""
 
     def __init__(self):
         self.bytes = 0  # the peak of the last track()
@@ -45,7 +45,7 @@ class ActivationCounter:
         self._refs: dict[int, list[int]] = {}  # storage pointer -> [saved references, bytes]
 
     def _pack(self, t: torch.Tensor):
-        if not isinstance(t, torch.Tensor) or t.is_meta or (t.is_leaf and t.requires_grad):
+        if not isinstance(t, torch.Tensor) or t.is_meta or _is_parameter(t):
             return t
         storage = local_tensor(t).untyped_storage()
         ptr = storage.data_ptr()
@@ -74,6 +74,12 @@ class ActivationCounter:
         self.bytes, self._live, self._refs = 0, 0, {}
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (Linear saves its weight transposed)."""
+    base = t._base if t._base is not None else t
+    return base.is_leaf and base.requires_grad
 
 
 class _Saved:
