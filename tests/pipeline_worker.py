@@ -6,10 +6,9 @@ SPEC: {"data": PREFIX, "base": {"section.field": value, ...},
        "runs": [{"name": ..., "overrides": {...}, "knowledge": bool}, ...]}
 A run with "knowledge" trains with the dummy knowledge injection below (a side tensor per
 sample, a mid-stack module after layer 1, an auxiliary tagging loss). Rank 0 writes OUT:
-{name: {"rows": [metric rows], "seconds": wall time}}. Every rank ends through shutdown().
+{name: {"rows": [metric rows], "seconds": wall time}}. The loop over runs, the configs and the
+ending through shutdown() are train_worker.run_layouts'.
 """
-import json
-import sys
 import time
 import warnings
 
@@ -17,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rapidnlp.config import Config, apply, resolve_layout
-from rapidnlp.dist.bootstrap import init_distributed, shutdown
+from rapidnlp.config import Config
 from rapidnlp.dist.mesh import ParallelDims
+from train_worker import run_layouts
 
 warnings.filterwarnings("ignore")
 
@@ -81,48 +80,20 @@ def dummy_injection():
     return Injection(extras=("entity_ids", "tags"), mid_stack={1: DummyFusion}, aux_heads={"tagging": DummyTagger})
 
 
-def make_config(data: str, overrides: dict, world: int) -> Config:
-    config = Config()
-    config.checkpoint.enabled = False  # the worker drives the Trainer without a Checkpointer
-    config.data.path, config.data.tokenizer = data, data + ".model"
-    for name, value in overrides.items():
-        section, key = name.split(".")
-        apply(config, section, key, value, "test")
-    resolve_layout(config, world)
-    return config
+def pipeline_run(run: dict, config: Config) -> dict:
+    from rapidnlp.train.trainer import Data, Trainer, load_data
 
-
-def main() -> None:
-    spec = json.load(open(sys.argv[1]))
-    env = init_distributed(timeout_s=300)
-    torch.set_num_threads(1)
-    out = {}
-    code = 0
-    try:
-        from rapidnlp.train.trainer import Data, Trainer, load_data
-
-        for run in spec["runs"]:
-            started = time.perf_counter()
-            config = make_config(spec["data"], {**spec["base"], **run["overrides"]}, env.world_size)
-            data = load_data(config)
-            injection = None
-            if run.get("knowledge"):
-                data = Data(train=WithExtras(data.train), val=WithExtras(data.val) if data.val is not None else None, special=data.special)
-                injection = dummy_injection()
-            trainer = Trainer(config, ParallelDims.from_config(config.parallel), data=data, injection=injection,
-                              stream=open("/dev/null", "w"))
-            rows = trainer.fit()
-            out[run["name"]] = {"rows": rows, "seconds": time.perf_counter() - started}
-        if env.rank == 0:
-            with open(sys.argv[2], "w") as f:
-                json.dump(out, f)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    shutdown(code)
+    started = time.perf_counter()
+    data = load_data(config)
+    injection = None
+    if run.get("knowledge"):
+        data = Data(train=WithExtras(data.train), val=WithExtras(data.val) if data.val is not None else None, special=data.special)
+        injection = dummy_injection()
+    trainer = Trainer(config, ParallelDims.from_config(config.parallel), data=data, injection=injection,
+                      stream=open("/dev/null", "w"))
+    rows = trainer.fit()
+    return {"rows": rows, "seconds": time.perf_counter() - started}
 
 
 if __name__ == "__main__":
-    main()
+    run_layouts(pipeline_run, timeout_s=300)

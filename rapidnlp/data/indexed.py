@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 from array import array
 
 import numpy as np
 
 from rapidnlp.errors import UserError
+from rapidnlp.io import remove_quietly, temp_name
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -57,13 +57,6 @@ def _paths(prefix: str) -> tuple[str, str]:
     return prefix + ".bin", prefix + ".idx"
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 class IndexedDatasetWriter:
     """Streams documents into PREFIX.bin/.idx.
 
@@ -85,10 +78,9 @@ class IndexedDatasetWriter:
         parent = os.path.dirname(self.bin_path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        # Unique per writer so two runs on one prefix never write into each other's temp files.
-        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._bin_tmp = self.bin_path + tag
-        self._idx_tmp = self.idx_path + tag
+        # Two files committed together in finalize(), so not atomic_open's one-file block.
+        self._bin_tmp = temp_name(self.bin_path)
+        self._idx_tmp = temp_name(self.idx_path)
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = array("i")
         self._doc_indices = array("q", [0])
@@ -138,7 +130,7 @@ class IndexedDatasetWriter:
                 f.write(pointers.tobytes(order="C"))
                 f.write(doc_indices.tobytes(order="C"))
             # An older dataset at this prefix must not pair its .idx with our new .bin.
-            _remove_quietly(self.idx_path)
+            remove_quietly(self.idx_path)
             os.replace(self._bin_tmp, self.bin_path)
             os.replace(self._idx_tmp, self.idx_path)
         except BaseException:
@@ -150,8 +142,8 @@ class IndexedDatasetWriter:
         """Drop everything written so far; the prefix is left as it was."""
         if not self._bin.closed:
             self._bin.close()
-        _remove_quietly(self._bin_tmp)
-        _remove_quietly(self._idx_tmp)
+        remove_quietly(self._bin_tmp)
+        remove_quietly(self._idx_tmp)
         self._closed = True
 
     @property

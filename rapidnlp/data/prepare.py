@@ -13,22 +13,44 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 from typing import Callable
 
 from rapidnlp.data.corpus import CorpusReader
 from rapidnlp.data.indexed import IndexedDatasetWriter, dtype_for_vocab
 from rapidnlp.data.tokenizer import Tokenizer, train_tokenizer
+from rapidnlp.io import atomic_path, remove_quietly
 
 # Sentences per call into sentencepiece: per-call overhead vanishes, memory stays small.
 _ENCODE_BATCH = 8192
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+def _encode(reader: CorpusReader, tok: Tokenizer, writer: IndexedDatasetWriter) -> int:
+    """Tokenize every document of the corpus into the writer, in batches; returns the token count."""
+    n_tokens = 0
+    batch: list[list[str]] = []
+    batch_sentences = 0
+
+    def flush():
+        nonlocal n_tokens
+        ids = tok.encode_batch([s for doc in batch for s in doc])
+        k = 0
+        for doc in batch:
+            seqs = [seq for seq in ids[k:k + len(doc)] if seq]
+            k += len(doc)
+            if seqs:
+                writer.add_document(seqs)
+                n_tokens += sum(len(s) for s in seqs)
+        batch.clear()
+
+    for doc in reader:
+        batch.append(doc)
+        batch_sentences += len(doc)
+        if batch_sentences >= _ENCODE_BATCH:
+            flush()
+            batch_sentences = 0
+    if batch:
+        flush()
+    return n_tokens
 
 
 def prepare(input_path: str, output_prefix: str, *, vocab_size: int = 8000,
@@ -44,60 +66,32 @@ def prepare(input_path: str, output_prefix: str, *, vocab_size: int = 8000,
     start = time.perf_counter()
     output_prefix = os.fspath(output_prefix)
     reader = CorpusReader(input_path, strict_utf8=strict_utf8, text_key=text_key)
-    parent = os.path.dirname(output_prefix)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
     model_path = output_prefix + ".model"
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_model = tmp_prefix + ".model"
 
     writer = None
     try:
-        if tokenizer_path is not None:
-            Tokenizer(tokenizer_path)  # a bad model fails here, before any output exists
-            shutil.copyfile(tokenizer_path, tmp_model)
-        else:
-            sentences = (s for doc in reader for s in doc)
-            # Report the path the model will have, not its temporary name.
-            train_tokenizer(sentences, tmp_prefix, vocab_size, seed=seed,
-                            log=lambda msg: log(msg.replace(tmp_model, model_path)))
-        tok = Tokenizer(tmp_model)
-        dtype = dtype_for_vocab(tok.vocab_size)
+        with atomic_path(model_path, suffix=".model") as tmp_model:
+            if tokenizer_path is not None:
+                Tokenizer(tokenizer_path)  # a bad model fails here, before any output exists
+                shutil.copyfile(tokenizer_path, tmp_model)
+            else:
+                sentences = (s for doc in reader for s in doc)
+                # Report the path the model will have, not its temporary name.
+                train_tokenizer(sentences, tmp_model[:-len(".model")], vocab_size, seed=seed,
+                                log=lambda msg: log(msg.replace(tmp_model, model_path)))
+            tok = Tokenizer(tmp_model)
+            dtype = dtype_for_vocab(tok.vocab_size)
 
-        writer = IndexedDatasetWriter(output_prefix, dtype)
-        n_tokens = 0
-        batch: list[list[str]] = []
-        batch_sentences = 0
+            writer = IndexedDatasetWriter(output_prefix, dtype)
+            n_tokens = _encode(reader, tok, writer)
 
-        def flush():
-            nonlocal n_tokens
-            ids = tok.encode_batch([s for doc in batch for s in doc])
-            k = 0
-            for doc in batch:
-                seqs = [seq for seq in ids[k:k + len(doc)] if seq]
-                k += len(doc)
-                if seqs:
-                    writer.add_document(seqs)
-                    n_tokens += sum(len(s) for s in seqs)
-            batch.clear()
-
-        for doc in reader:
-            batch.append(doc)
-            batch_sentences += len(doc)
-            if batch_sentences >= _ENCODE_BATCH:
-                flush()
-                batch_sentences = 0
-        if batch:
-            flush()
-
-        # Commit: the old index goes first so that it never pairs with the new model or .bin.
-        _remove_quietly(output_prefix + ".idx")
-        os.replace(tmp_model, model_path)
+            # Commit: the old index goes first so that it never pairs with the new model or .bin;
+            # the model moves into place as this block ends, the dataset after it.
+            remove_quietly(output_prefix + ".idx")
         writer.finalize()
     except BaseException:
         if writer is not None:
             writer.abort()
-        _remove_quietly(tmp_model)
         raise
 
     stats = {

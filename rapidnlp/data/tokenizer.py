@@ -18,13 +18,13 @@ import os
 import random
 import re
 import sys
-import uuid
 from typing import Callable, Iterable
 
 import numpy as np
 import sentencepiece as spm
 
 from rapidnlp.errors import UserError
+from rapidnlp.io import atomic_write
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_PIECES = (PAD, UNK, CLS, SEP, MASK)
@@ -44,20 +44,6 @@ _REQUIRED_CHARS = re.compile(r"smaller than required_chars\. (\d+) vs (\d+)")
 
 def _stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _training_sample(sentences: Iterable[str], max_sentences: int, seed: int) -> list[str]:
@@ -181,10 +167,7 @@ def train_tokenizer(sentences: Iterable[str], model_prefix: str, vocab_size: int
                 keep = max(keep, 1)
 
     path = os.fspath(model_prefix) + ".model"
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    _atomic_write(path, proto)
+    atomic_write(path, proto)
     tok = Tokenizer(path)
     note = "" if tok.vocab_size == vocab_size else \
         f" (asked for {vocab_size}; the corpus supports no more)"

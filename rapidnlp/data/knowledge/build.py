@@ -16,13 +16,13 @@ import json
 import os
 import shutil
 import time
-import uuid
 from typing import Callable
 
 from rapidnlp.data.knowledge.kg import KnowledgeGraph, write_triple_dataset
 from rapidnlp.data.knowledge.linker import EntityLinker
 from rapidnlp.data.knowledge.sidestreams import build_sidestreams
 from rapidnlp.data.tokenizer import Tokenizer
+from rapidnlp.io import temp_name
 
 
 def knowledge_dir(prefix: str) -> str:
@@ -35,7 +35,7 @@ def prepare_knowledge(corpus_path: str, prefix: str, kg: KnowledgeGraph, *, toke
     """Build PREFIX.knowledge/ for a corpus and a knowledge graph; returns the report."""
     start = time.perf_counter()
     final = knowledge_dir(prefix)
-    tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_name(final)
     os.makedirs(tmp)
     try:
         tok = Tokenizer(tokenizer_path)

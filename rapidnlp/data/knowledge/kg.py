@@ -22,13 +22,13 @@ This module knows nothing of linking (linker.py) nor of corpora (sidestreams.py)
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from rapidnlp.errors import UserError
+from rapidnlp.io import atomic_open
 
 DEFAULT_TYPE = "ENT"
 _KINDS = ("wrong_fields", "empty_field", "not_utf8", "duplicate")
@@ -265,23 +265,13 @@ class KnowledgeGraph:
 
     def save(self, path: str) -> None:
         """Write PATH (an .npz of plain arrays: loads with allow_pickle=False), atomically."""
-        path = os.fspath(path)
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
         arrays = {"triples": self.triples, "entity_type": self.entity_type,
                   "alias_entity": self.alias_entity}
         for key, names in (("entity", self.entity_names), ("predicate", self.predicate_names),
                            ("type", self.type_names), ("alias", self.alias_text)):
             arrays[f"{key}_blob"], arrays[f"{key}_offsets"] = _blob(names)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str) -> "KnowledgeGraph":

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from rapidnlp.errors import UserError
+from rapidnlp.io import atomic_write
 
 try:
     from rapidnlp.data.knowledge import _native
@@ -180,19 +180,7 @@ class EntityLinker:
 
     def save(self, path: str) -> None:
         """Write the automaton atomically (a temporary file renamed into place)."""
-        path = os.fspath(path)
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(self.to_bytes())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str) -> "EntityLinker":

@@ -34,6 +34,7 @@ from rapidnlp.data.knowledge.kg import KnowledgeGraph
 from rapidnlp.data.knowledge.linker import EntityLinker
 from rapidnlp.data.tokenizer import Tokenizer
 from rapidnlp.errors import UserError
+from rapidnlp.io import atomic_open
 
 IGNORE_TAG = -100
 _BATCH_SENTENCES = 8192
@@ -249,12 +250,11 @@ def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker
         if batch:
             flush()
         mentions = np.concatenate(mention_rows) if mention_rows else np.zeros((0, 5), np.int64)
-        tmp = os.path.join(out_dir, f"mentions.tmp-{os.getpid()}.npz")
-        np.savez(tmp, seq_ptr=np.asarray(seq_ptr, np.int64), mentions=mentions,
-                 triple_ptr=np.asarray(trip_ptr, np.int64),
-                 triples=np.concatenate(trip_ids) if trip_ids else np.zeros(0, np.int32),
-                 tag_names=np.array(tag_names(kg)))
-        os.replace(tmp, os.path.join(out_dir, "mentions.npz"))
+        with atomic_open(os.path.join(out_dir, "mentions.npz"), "wb") as f:
+            np.savez(f, seq_ptr=np.asarray(seq_ptr, np.int64), mentions=mentions,
+                     triple_ptr=np.asarray(trip_ptr, np.int64),
+                     triples=np.concatenate(trip_ids) if trip_ids else np.zeros(0, np.int32),
+                     tag_names=np.array(tag_names(kg)))
         tags_w.finalize()
         tokens_w.finalize()  # the token stream's .idx last: it is what marks the folder complete
     except BaseException:
