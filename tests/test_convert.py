@@ -141,7 +141,8 @@ def test_pretraining_only_modules_are_saved_beside(trained, tmp_path):
     from safetensors.torch import load_file
 
     from rapidnlp.convert.folders import read_native
-    from rapidnlp.train.checkpoint import manifest, write_json_atomic
+    from rapidnlp.io import write_json_atomic
+    from rapidnlp.train.checkpoint import manifest
 
     _, state, _ = read_native(str(trained))
     gate = torch.randn(128, 64)

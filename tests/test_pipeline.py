@@ -112,6 +112,16 @@ def test_pipeline_matches_single_process(curves, layout):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_activation_memory_follows_the_schedule(curves):
+    """Rank 0 (the first stage: embeddings + 2 of 4 layers) holds the saved activations of the
+    micro-batches in flight: GPipe all 4, 1F1B at most pp = 2; each less than the whole model's."""
+    single, gpipe, one_f_one_b = (curves[n]["rows"][-1]["mem_activation_bytes"] for n in ("single", "pp2_gpipe", "pp2_1f1b"))
+    assert 1.5 < gpipe / one_f_one_b < 2.5, (gpipe, one_f_one_b)
+    assert one_f_one_b < single < gpipe, (one_f_one_b, single, gpipe)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_references_learn(curves):
     """The references must train (equal curves of a no-op would prove nothing), and the knowledge
     run must really differ from plain MLM (its mid-stack module and auxiliary loss took part)."""

@@ -19,8 +19,9 @@ import torch.distributed.checkpoint as dcp
 from rapidnlp.config import Config, ModelConfig, apply
 from rapidnlp.convert.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from rapidnlp.errors import UserError
+from rapidnlp.io import write_json_atomic
 from rapidnlp.model.bert import BertForMLM
-from rapidnlp.train.checkpoint import FORMAT_VERSION, check_shapes, manifest, verify, write_json_atomic
+from rapidnlp.train.checkpoint import FORMAT_VERSION, check_shapes, manifest, verify
 from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
 
 # Conversion runs in one process on purpose: DCP's reminder that there is no process group is noise.

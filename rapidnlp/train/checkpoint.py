@@ -33,6 +33,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from rapidnlp.errors import UserError
+from rapidnlp.io import atomic_write, write_json_atomic
 from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
 
 FORMAT_VERSION = 1
@@ -76,19 +77,6 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
     if not os.path.isfile(os.path.join(resume, "meta.json")):
         raise UserError(f"{resume}: not a checkpoint folder (no meta.json)")
     return resume
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    _atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _crc32(path: str) -> int:
@@ -347,7 +335,7 @@ class Checkpointer:
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _atomic_write(os.path.join(checkpoints_root(self.run_dir), "latest"), os.path.basename(final))
+            atomic_write(os.path.join(checkpoints_root(self.run_dir), "latest"), os.path.basename(final))
             self._prune(step)
         dist.barrier()
 
