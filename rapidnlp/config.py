@@ -259,7 +259,7 @@ def resolve_layout(config: Config, world_size: int) -> None:
             raise UserError(f"parallel.hsdp_shard = {p.hsdp_shard} needs parallel.zero = 2 or 3")
         if p.dp % p.hsdp_shard:
             raise UserError(f"parallel.dp ({p.dp}) is not divisible by parallel.hsdp_shard ({p.hsdp_shard})")
-    if p.cpu_offload and p.zero != 3:
+    if p.cpu_offload and p.zero != 3 and t.backend != "deepspeed":
         raise UserError("parallel.cpu_offload needs parallel.zero = 3 (FSDP2's CPUOffloadPolicy)")
     if m.num_heads % p.tp:
         raise UserError(f"model.num_heads ({m.num_heads}) is not divisible by parallel.tp ({p.tp})")
@@ -327,6 +327,14 @@ def _check_deepspeed(config: Config) -> None:
         raise UserError(f"train.backend = deepspeed: train.optimizer = {t.optimizer} is not offered; use adamw")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise UserError(f"train.deepspeed_config: {t.deepspeed_config} not found")
+    if p.cpu_offload and p.zero == 0:
+        raise UserError("train.backend = deepspeed: parallel.cpu_offload needs parallel.zero >= 1 "
+                        "(DeepSpeed's offload_optimizer is a ZeRO feature)")
+    from rapidnlp.train.deepspeed_backend import NO_CHECKPOINTS, deepspeed_config  # imports no deepspeed
+
+    if config.checkpoint.enabled:
+        raise UserError(NO_CHECKPOINTS)
+    deepspeed_config(config)  # the user's JSON, checked before any process starts
 
 
 def accumulation_steps(config: Config) -> int:

@@ -38,17 +38,15 @@ import time
 
 import torch
 
-from rapidnlp.config import Config, accumulation_steps, max_predictions
-from rapidnlp.data.sampler import GlobalBatchSampler
+from rapidnlp.config import Config, accumulation_steps
 from rapidnlp.dist.mesh import ParallelDims
 from rapidnlp.errors import UserError
 from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim import lr_at, param_groups
 from rapidnlp.optim.norms import global_norm
-from rapidnlp.train.flops import peak_flops, training_flops_per_sequence
-from rapidnlp.train.memory import ActivationCounter, optimizer_state_bytes, tensor_bytes
-from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
-from rapidnlp.train.trainer import Data, Trainer, _reduce_dp, load_data, seed_everything
+from rapidnlp.train.memory import optimizer_state_bytes, tensor_bytes
+from rapidnlp.train.metrics import peak_memory_bytes
+from rapidnlp.train.trainer import Data, Trainer, _reduce_dp
 
 # DeepSpeed config keys that train.* owns: a user's JSON may repeat them ("auto" or the same
 # value) but not change them, since the loss normalisation and the schedule are ours.
@@ -141,21 +139,20 @@ class DeepSpeedTrainer(Trainer):
     def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None):
         if config.checkpoint.enabled:
             raise UserError(NO_CHECKPOINTS)
-        deepspeed = import_deepspeed()
-        self.config = config
-        self.dims = dims
-        self.device = dims.device
-        self.data = data or load_data(config)
-        t = config.train
         self.ds_config = deepspeed_config(config)
+        super().__init__(config, dims, data=data, stream=stream)
+
+    def _build_model(self, injection) -> None:
+        """BertForMLM and our AdamW (DeepSpeedCPUAdam under offload) wrapped by deepspeed.initialize."""
+        deepspeed = import_deepspeed()
+        t = self.config.train
         if self.ds_config.get("fp16", {}).get("enabled"):
             from deepspeed.accelerator import get_accelerator
 
             if not get_accelerator().is_fp16_supported():
                 raise UserError(f"fp16 (train.precision or train.deepspeed_config): DeepSpeed's "
                                 f"{get_accelerator().device_name()} accelerator does not support it here; use bf16 or fp32")
-        seed_everything(t.seed)  # identical initial weights to the torch backend's
-        model = BertForMLM(config.model).to(self.device)
+        model = BertForMLM(self.config.model).to(self.device)
         groups = param_groups(model, t.weight_decay)
         zero = self.ds_config.get("zero_optimization", {})
         offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
@@ -178,20 +175,6 @@ class DeepSpeedTrainer(Trainer):
         self.pipeline = None
         self.loss_parallel = False
         self.scaler = None  # DeepSpeed's fp16 optimizer scales the loss itself
-        self.activations = ActivationCounter()
-        self.sampler = GlobalBatchSampler(
-            len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
-            dp_rank=dims.dp_rank, dp_size=dims.dp, seed=t.seed,
-        )
-        self.step = 0
-        self.stop_requested = False
-        self.is_logger = torch.distributed.get_rank() == 0
-        self.metrics = MetricsWriter(t.run_dir, t.steps, enabled=self.is_logger, tensorboard=t.tensorboard, stream=stream)
-        self.peak = peak_flops(self.device, t.peak_tflops)
-        self.flops_per_step = t.global_batch * training_flops_per_sequence(
-            config.model, config.data.seq_len, max_predictions(config)
-        )
-        torch.manual_seed(t.seed + 1 + dims.dp_rank)
 
     def _autocast(self):
         # DeepSpeed casts the module itself for bf16/fp16 (fp32 master weights in its optimizer).

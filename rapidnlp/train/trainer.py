@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
-from rapidnlp.config import Config, accumulation_steps, max_predictions
+from rapidnlp.config import Config, max_predictions
 from rapidnlp.data.indexed import IndexedDataset
 from rapidnlp.data.mlm import IGNORE_INDEX, MLMSampleBuilder, SpecialIds, build_sample_ranges
 from rapidnlp.data.sampler import GlobalBatchSampler
@@ -120,17 +120,7 @@ class Trainer:
         self.data = data or load_data(config)
         t = config.train
         seed_everything(t.seed)  # identical initial weights on every rank
-        self.pipeline = None  # pp > 1 or knowledge injection: stages run by rapidnlp.parallel.pipeline
-        if dims.pp_enabled or injection is not None:
-            self.pipeline = build_pipeline(config, dims, self.device, injection, forward_context=self._autocast)
-            self.model = self.pipeline.model
-        else:
-            model = BertForMLM(config.model).to(self.device)
-            self.model = parallelize(model, dims, config.parallel, t)
-        zero1 = dims.mesh["dp"].get_group() if config.parallel.zero == 1 and dims.dp_enabled else None
-        self.optimizer = build_optimizer(self.model, t, zero1_group=zero1)
-        self.loss_parallel = uses_loss_parallel(dims, config.parallel)
-        self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window) if t.precision == "fp16" else None
+        self._build_model(injection)
         self.activations = ActivationCounter()
         self.sampler = GlobalBatchSampler(
             len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
@@ -149,6 +139,21 @@ class Trainer:
         # Dropout masks differ per dp rank (different samples) but agree within a tp group,
         # whose ranks compute on the same replicated activations.
         torch.manual_seed(t.seed + 1 + dims.dp_rank)
+
+    def _build_model(self, injection: Injection | None) -> None:
+        """model, optimizer, pipeline, loss_parallel and scaler (what another backend replaces)."""
+        config, dims, t = self.config, self.dims, self.config.train
+        self.pipeline = None  # pp > 1 or knowledge injection: stages run by rapidnlp.parallel.pipeline
+        if dims.pp_enabled or injection is not None:
+            self.pipeline = build_pipeline(config, dims, self.device, injection, forward_context=self._autocast)
+            self.model = self.pipeline.model
+        else:
+            model = BertForMLM(config.model).to(self.device)
+            self.model = parallelize(model, dims, config.parallel, t)
+        zero1 = dims.mesh["dp"].get_group() if config.parallel.zero == 1 and dims.dp_enabled else None
+        self.optimizer = build_optimizer(self.model, t, zero1_group=zero1)
+        self.loss_parallel = uses_loss_parallel(dims, config.parallel)
+        self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window) if t.precision == "fp16" else None
 
     def _batch(self, builder: MLMSampleBuilder, indices) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in builder.collate(indices).items()}
