@@ -5,7 +5,9 @@
 Part 1 trains the config (at a CPU-sized batch: micro 1, seq 128 unless overridden) for a few
 steps under each layout, 1, 2 and 4 local ranks over gloo (nccl on GPU), and prints, per layout,
 the median step time, tokens/s, and rank 0's measured parameter/gradient/optimizer/activation
-bytes and peak memory (CUDA max_allocated on GPU, peak RSS on CPU). Part 2 prints what the larger
+bytes and peak memory (CUDA max_allocated on GPU, per layout; on CPU the process's peak RSS,
+which only grows over the layouts one world runs in turn, so only its first row is that layout's
+own). Part 2 prints what the larger
 configs need per rank at common GPU layouts, from the same accounting
 (rapidnlp.train.memory.estimate_state_bytes, checked against measurement in tests/test_zero.py),
 with activations extrapolated from Part 1's measured bytes per token x hidden x layer.
@@ -33,6 +35,7 @@ BIG = [("300m", "tp=1,dp=8,zero=3"), ("300m", "tp=2,dp=4,zero=2"), ("1.5b", "tp=
 
 
 def worker(args) -> None:
+    import torch
     import torch.distributed as dist
 
     from rapidnlp.config import apply, load_config, resolve_layout
@@ -52,6 +55,8 @@ def worker(args) -> None:
             section, field = key.split(".")
             apply(config, section, field, value, "bench")
         resolve_layout(config, env.world_size)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # per layout (on CPU the peak RSS only grows)
         trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open(os.devnull, "w"))
         rows = trainer.fit()[1:]  # the first step pays for start-up
         results.append({"layout": name, "ranks": env.world_size, "step_s": statistics.median(
