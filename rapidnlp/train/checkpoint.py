@@ -222,14 +222,12 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, de
     _ensure_optimizer_state(model, optimizer, device)
     local = _local_optimizer(optimizer)
     names = {id(p): n for n, p in _module(model).named_parameters()}
-    out: dict[str, dict] = {}
-    for group in local.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            key = TIED_COPIES.get(name, name)
-            if key not in out:
-                out[key] = local.state[p]
-    return out
+    held = [(names[id(p)], p) for group in local.param_groups for p in group["params"]]
+    local_names = {name for name, _ in held}
+    return {
+        TIED_COPIES.get(name, name): local.state[p] for name, p in held
+        if TIED_COPIES.get(name) not in local_names
+    }
 
 
 def _sync_tied_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
