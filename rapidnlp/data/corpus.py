@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from rapidnlp.errors import UserError
 
@@ -135,3 +135,18 @@ def iter_documents(path: str, *, strict_utf8: bool = False,
                    text_key: str = "text") -> Iterator[list[str]]:
     """Documents of a corpus as lists of sentences; use CorpusReader to also get its statistics."""
     return iter(CorpusReader(path, strict_utf8=strict_utf8, text_key=text_key))
+
+
+def document_batches(documents: Iterable[list[str]], sentences: int) -> Iterator[list[list[str]]]:
+    """Whole documents grouped into batches of at least `sentences` sentences (the last one may
+    hold fewer): the unit in which corpora are tokenized and linked."""
+    batch: list[list[str]] = []
+    count = 0
+    for doc in documents:
+        batch.append(doc)
+        count += len(doc)
+        if count >= sentences:
+            yield batch
+            batch, count = [], 0
+    if batch:
+        yield batch

@@ -45,26 +45,28 @@ def _untag(token: str) -> str:
     return word
 
 
+def untagged_words(line: str) -> Iterator[tuple[str, str, bool]]:
+    """(word, its tagged token, whether a space goes before it) for each word of a tagged
+    paragraph, without the article id. A space goes only between two Latin/digit words."""
+    tokens = line.split()
+    if tokens and _ARTICLE_ID.match(tokens[0]):
+        tokens = tokens[1:]
+    prev = ""
+    for token in tokens:
+        word = _untag(token)
+        if not word:
+            continue
+        yield word, token, bool(prev and _ASCII_WORD.match(prev[-1]) and _ASCII_WORD.match(word[0]))
+        prev = word
+
+
 def untag_line(line: str) -> str:
     """One tagged paragraph as plain text: no article id, no /pos tags, no spaces between words.
 
     A space is kept only between two Latin/digit words ("Windows 95"), where Chinese would
     write one too.
     """
-    tokens = line.split()
-    if tokens and _ARTICLE_ID.match(tokens[0]):
-        tokens = tokens[1:]
-    out: list[str] = []
-    prev = ""
-    for token in tokens:
-        word = _untag(token)
-        if not word:
-            continue
-        if prev and _ASCII_WORD.match(prev[-1]) and _ASCII_WORD.match(word[0]):
-            out.append(" ")
-        out.append(word)
-        prev = word
-    return "".join(out)
+    return "".join((" " if space else "") + word for word, _, space in untagged_words(line))
 
 
 def people_daily_lines() -> Iterator[str]:

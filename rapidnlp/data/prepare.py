@@ -15,7 +15,7 @@ import shutil
 import time
 from typing import Callable
 
-from rapidnlp.data.corpus import CorpusReader
+from rapidnlp.data.corpus import CorpusReader, document_batches
 from rapidnlp.data.indexed import IndexedDatasetWriter, dtype_for_vocab
 from rapidnlp.data.tokenizer import Tokenizer, train_tokenizer
 from rapidnlp.io import atomic_path, remove_quietly
@@ -27,11 +27,7 @@ _ENCODE_BATCH = 8192
 def _encode(reader: CorpusReader, tok: Tokenizer, writer: IndexedDatasetWriter) -> int:
     """Tokenize every document of the corpus into the writer, in batches; returns the token count."""
     n_tokens = 0
-    batch: list[list[str]] = []
-    batch_sentences = 0
-
-    def flush():
-        nonlocal n_tokens
+    for batch in document_batches(reader, _ENCODE_BATCH):
         ids = tok.encode_batch([s for doc in batch for s in doc])
         k = 0
         for doc in batch:
@@ -40,16 +36,6 @@ def _encode(reader: CorpusReader, tok: Tokenizer, writer: IndexedDatasetWriter) 
             if seqs:
                 writer.add_document(seqs)
                 n_tokens += sum(len(s) for s in seqs)
-        batch.clear()
-
-    for doc in reader:
-        batch.append(doc)
-        batch_sentences += len(doc)
-        if batch_sentences >= _ENCODE_BATCH:
-            flush()
-            batch_sentences = 0
-    if batch:
-        flush()
     return n_tokens
 
 

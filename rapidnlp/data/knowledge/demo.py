@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from rapidnlp.data.demo import _ARTICLE_ID, _ASCII_WORD, _untag, people_daily_path, untag_line
+from rapidnlp.data.demo import people_daily_path, untag_line, untagged_words
 from rapidnlp.data.knowledge.kg import KnowledgeGraph
 from rapidnlp.errors import UserError
 
@@ -131,15 +131,9 @@ def demo_knowledge_graph(min_freq: int = 50, jieba: bool = True) -> KnowledgeGra
 
 def tagged_mentions(line: str, tags: tuple[str, ...] = ("ns",)) -> tuple[str, list[tuple[int, int]]]:
     """A People's Daily line as untag_line's text, and the char spans of its words tagged `tags`."""
-    tokens = line.split()
-    if tokens and _ARTICLE_ID.match(tokens[0]):
-        tokens = tokens[1:]
-    out, spans, pos, prev = [], [], 0, ""
-    for token in tokens:
-        word = _untag(token)
-        if not word:
-            continue
-        if prev and _ASCII_WORD.match(prev[-1]) and _ASCII_WORD.match(word[0]):
+    out, spans, pos = [], [], 0
+    for word, token, space in untagged_words(line):
+        if space:
             out.append(" ")
             pos += 1
         m = _POS.match(token)
@@ -147,7 +141,6 @@ def tagged_mentions(line: str, tags: tuple[str, ...] = ("ns",)) -> tuple[str, li
             spans.append((pos, pos + len(word)))
         out.append(word)
         pos += len(word)
-        prev = word
     return "".join(out), spans
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import sentencepiece as spm
 
-from rapidnlp.data.corpus import CorpusReader
+from rapidnlp.data.corpus import CorpusReader, document_batches
 from rapidnlp.data.indexed import IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
 from rapidnlp.data.knowledge.kg import KnowledgeGraph
 from rapidnlp.data.knowledge.linker import EntityLinker
@@ -196,9 +196,8 @@ def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker
         raise UserError(f"{len(kg.type_names)} entity types; at most 127 fit one tag byte")
     seq_ptr, mention_rows, trip_ptr, trip_ids = [0], [], [0], []
     stats = {"sentences": 0, "tokens": 0, "mentions": 0, "mention_tokens": 0, "linked_triples": 0}
-    batch: list[list[str]] = []
 
-    def flush():
+    def link_and_write(batch: list[list[str]]) -> None:
         sentences = [s for doc in batch for s in doc]
         offsets, matches = linker.link_batch(sentences, workers=workers)
         per = [matches[offsets[i]:offsets[i + 1]] for i in range(len(sentences))]
@@ -237,18 +236,10 @@ def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker
             if seqs:
                 tokens_w.add_document(seqs)
                 tags_w.add_document(tags)
-        batch.clear()
 
     try:
-        n = 0
-        for doc in reader:
-            batch.append(doc)
-            n += len(doc)
-            if n >= _BATCH_SENTENCES:
-                flush()
-                n = 0
-        if batch:
-            flush()
+        for batch in document_batches(reader, _BATCH_SENTENCES):
+            link_and_write(batch)
         mentions = np.concatenate(mention_rows) if mention_rows else np.zeros((0, 5), np.int64)
         with atomic_open(os.path.join(out_dir, "mentions.npz"), "wb") as f:
             np.savez(f, seq_ptr=np.asarray(seq_ptr, np.int64), mentions=mentions,
