@@ -45,8 +45,7 @@ from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim import lr_at, param_groups
 from rapidnlp.optim.norms import global_norm
 from rapidnlp.train.memory import optimizer_state_bytes, tensor_bytes
-from rapidnlp.train.metrics import peak_memory_bytes
-from rapidnlp.train.trainer import Data, Trainer, _reduce_dp
+from rapidnlp.train.trainer import Data, Trainer
 
 # DeepSpeed config keys that train.* owns: a user's JSON may repeat them ("auto" or the same
 # value) but not change them, since the loss normalisation and the schedule are ours.
@@ -207,26 +206,15 @@ class DeepSpeedTrainer(Trainer):
                 loss_total += loss_sum.detach()
         overflow = engine.skipped_steps > skipped_before
         grad_norm = None if overflow else _float(engine.get_global_grad_norm() if norm is None else norm)
-        loss = _reduce_dp(loss_total, self.dims) / global_count
-        self.step += 1
-        elapsed = time.perf_counter() - started
-        tflops = self.flops_per_step / elapsed / torch.distributed.get_world_size() / 1e12
         params = list(engine.module.parameters())
-        row = {
-            "step": self.step,
-            "loss": float(loss),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": t.global_batch * self.config.data.seq_len / elapsed,
-            "tflops_per_device": tflops,
-            "mfu": tflops * 1e12 / self.peak if self.peak else None,
-            "peak_mem_bytes": peak_memory_bytes(self.device),
+        memory = {
             # ZeRO-3 keeps this rank's partition in ds_tensor and leaves an empty p.data between steps
             "mem_params_bytes": tensor_bytes(getattr(p, "ds_tensor", p) for p in params),
             "mem_grads_bytes": None,  # DeepSpeed frees its gradient buckets inside step()
             "mem_activation_bytes": self.activations.bytes,
             "mem_optimizer_bytes": optimizer_state_bytes(self.base_optimizer),
         }
+        row = self._finish_step(loss_total, global_count, lr, grad_norm, started, memory)
         if fp16:
             row["loss_scale"], row["skipped_steps"] = loss_scale, engine.skipped_steps
         return row

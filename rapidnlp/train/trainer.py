@@ -217,11 +217,26 @@ class Trainer:
         if not overflow:  # fp16 overflow: skip the update, the scaler backs off
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        memory["mem_optimizer_bytes"] = optimizer_state_bytes(self.optimizer)
+        row = self._finish_step(loss_total, global_count, lr, grad_norm, started, memory)
+        if self.pipeline is not None and self.pipeline.aux_names:
+            aux = _reduce_dp(self._aux_total.clone(), self.dims) / t.global_batch
+            row.update({f"aux_{name}": float(v) for name, v in zip(self.pipeline.aux_names, aux)})
+        if self.scaler:
+            row["loss_scale"] = self.scaler.scale  # the scale this step ran with
+            self.scaler.update(overflow)
+            row["skipped_steps"] = self.scaler.skipped_steps
+        return row
+
+    def _finish_step(self, loss_total: torch.Tensor, global_count: torch.Tensor, lr: float, grad_norm,
+                     started: float, memory: dict) -> dict:
+        """Count the step and return its metrics row (every backend's common part)."""
+        t = self.config.train
         loss = _reduce_dp(loss_total, self.dims) / global_count
         self.step += 1
         elapsed = time.perf_counter() - started
         tflops = self.flops_per_step / elapsed / dist.get_world_size() / 1e12
-        row = {
+        return {
             "step": self.step,
             "loss": float(loss),
             "lr": lr,
@@ -231,16 +246,7 @@ class Trainer:
             "mfu": tflops * 1e12 / self.peak if self.peak else None,
             "peak_mem_bytes": peak_memory_bytes(self.device),
             **memory,
-            "mem_optimizer_bytes": optimizer_state_bytes(self.optimizer),
         }
-        if self.pipeline is not None and self.pipeline.aux_names:
-            aux = _reduce_dp(self._aux_total.clone(), self.dims) / t.global_batch
-            row.update({f"aux_{name}": float(v) for name, v in zip(self.pipeline.aux_names, aux)})
-        if self.scaler:
-            row["loss_scale"] = self.scaler.scale  # the scale this step ran with
-            self.scaler.update(overflow)
-            row["skipped_steps"] = self.scaler.skipped_steps
-        return row
 
     @torch.no_grad()
     def evaluate(self) -> float:
