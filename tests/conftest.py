@@ -1,4 +1,5 @@
 """Shared test set-up: quiet hub, one thread per process, a small real dataset built once."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,18 @@ def clean_env(**extra) -> dict:
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
+
+
+def launch_world(worker: str, nproc: int, data: str, base: dict, runs: list[dict], tmp) -> dict:
+    """Run `runs` (each {"name", "overrides", ...}) one after another in one launched world of
+    nproc local processes (tests/train_worker.py's spec format); returns name -> result."""
+    from rapidnlp.dist.launch import spawn_local
+
+    spec, out = tmp / f"spec{nproc}.json", tmp / f"out{nproc}.json"
+    spec.write_text(json.dumps({"data": data, "base": base, "runs": runs}))
+    code = spawn_local(nproc, [str(spec), str(out)], script=worker, env=clean_env())
+    assert code == 0, f"{nproc}-process job failed with exit code {code}"
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session")

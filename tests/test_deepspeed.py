@@ -15,9 +15,8 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from conftest import REPO, clean_env, run_cli  # noqa: E402
+from conftest import REPO, launch_world, run_cli  # noqa: E402
 from rapidnlp.config import Config  # noqa: E402
-from rapidnlp.dist.launch import spawn_local  # noqa: E402
 from rapidnlp.errors import UserError  # noqa: E402
 from rapidnlp.train.deepspeed_backend import default_extensions_dir, deepspeed_config  # noqa: E402
 from test_layouts import STEPS, base_overrides  # noqa: E402
@@ -45,19 +44,12 @@ def runs(tmp) -> list[dict]:
     ]
 
 
-def launch(nproc: int, data: str, runs: list[dict], tmp) -> dict:
-    spec, out = tmp / f"spec{nproc}.json", tmp / f"out{nproc}.json"
-    spec.write_text(json.dumps({"data": data, "base": base_overrides(tmp / "run"), "runs": runs}))
-    code = spawn_local(nproc, [str(spec), str(out)], script=WORKER, env=clean_env())
-    assert code == 0, f"{nproc}-process job failed with exit code {code}"
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def curves(pd_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
-    results = launch(1, pd_dataset, [{"name": "single", "overrides": {}}], tmp)
-    results.update(launch(2, pd_dataset, runs(tmp), tmp))
+    base = base_overrides(tmp / "run")
+    results = launch_world(WORKER, 1, pd_dataset, base, [{"name": "single", "overrides": {}}], tmp)
+    results.update(launch_world(WORKER, 2, pd_dataset, base, runs(tmp), tmp))
     return results
 
 

@@ -4,13 +4,11 @@ layer's logits and gradients against its dense twin, and the shard shapes.
 
 Each world size is launched once (real processes over gloo) and runs all its layouts.
 """
-import json
 
 import numpy as np
 import pytest
 
-from conftest import REPO, clean_env
-from rapidnlp.dist.launch import spawn_local
+from conftest import REPO, launch_world
 
 WORKER = str(REPO / "tests" / "train_worker.py")
 STEPS = 20
@@ -24,14 +22,6 @@ def base_overrides(run_dir) -> dict:
         "train.run_dir": str(run_dir), "data.seq_len": 64, "model.max_position_embeddings": 64,
         "checkpoint.enabled": False,  # the worker drives the Trainer without a Checkpointer
     }
-
-
-def launch(nproc: int, data: str, runs: list[dict], tmp_path) -> dict:
-    spec, out = tmp_path / f"spec{nproc}.json", tmp_path / f"out{nproc}.json"
-    spec.write_text(json.dumps({"data": data, "base": base_overrides(tmp_path / "run"), "runs": runs}))
-    code = spawn_local(nproc, [str(spec), str(out)], script=WORKER, env=clean_env())
-    assert code == 0, f"{nproc}-process job failed with exit code {code}"
-    return json.loads(out.read_text())
 
 
 LAYOUTS = {
@@ -64,7 +54,8 @@ def curves(pd_dataset, tmp_path_factory):
                 {"name": "twin_no_sp", "dense_twin": True, "overrides": {
                     "parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False}},
             ]
-        results.update(launch(nproc, pd_dataset, runs, tmp_path_factory.mktemp(f"w{nproc}")))
+        tmp = tmp_path_factory.mktemp(f"w{nproc}")
+        results.update(launch_world(WORKER, nproc, pd_dataset, base_overrides(tmp / "run"), runs, tmp))
     return results
 
 

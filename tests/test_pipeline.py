@@ -7,15 +7,13 @@ The knowledge-injection interfaces (a side tensor per sample, a mid-stack module
 loss) run at pp=2 x tp=2 against the same injection in one process. Bad pipeline layouts are
 one line each. Each world size is launched once (real processes over gloo) and runs all its layouts.
 """
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, clean_env
+from conftest import REPO, launch_world
 from rapidnlp.config import Config, apply, resolve_layout
-from rapidnlp.dist.launch import spawn_local
 from rapidnlp.errors import UserError
 
 WORKER = str(REPO / "tests" / "pipeline_worker.py")
@@ -75,21 +73,14 @@ REFERENCE = {name: ref for world in WORLDS.values() for name, (_, ref, _) in wor
 OVERRIDES = {name: over for world in WORLDS.values() for name, (over, _, _) in world.items()}
 
 
-def launch(nproc: int, data: str, tmp_path) -> dict:
-    runs = [{"name": name, "overrides": over, "knowledge": knowledge}
-            for name, (over, _, knowledge) in WORLDS[nproc].items()]
-    spec, out = tmp_path / f"spec{nproc}.json", tmp_path / f"out{nproc}.json"
-    spec.write_text(json.dumps({"data": data, "base": base_overrides(tmp_path / "run"), "runs": runs}))
-    code = spawn_local(nproc, [str(spec), str(out)], script=WORKER, env=clean_env())
-    assert code == 0, f"{nproc}-process job failed with exit code {code}"
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def curves(pd_dataset, tmp_path_factory):
     results = {}
     for nproc in WORLDS:
-        results.update(launch(nproc, pd_dataset, tmp_path_factory.mktemp(f"pp{nproc}")))
+        tmp = tmp_path_factory.mktemp(f"pp{nproc}")
+        runs = [{"name": name, "overrides": over, "knowledge": knowledge}
+                for name, (over, _, knowledge) in WORLDS[nproc].items()]
+        results.update(launch_world(WORKER, nproc, pd_dataset, base_overrides(tmp / "run"), runs, tmp))
     return results
 
 

@@ -1,13 +1,11 @@
 """ZeRO stages, HSDP, CPU offload, activation checkpointing and fp16 loss scaling, each against
 the single-process run (fp32: loss and grad_norm to rtol 1e-4 over 20 steps), plus the per-rank
 memory each stage holds."""
-import json
 
 import numpy as np
 import pytest
 
-from conftest import REPO, clean_env
-from rapidnlp.dist.launch import spawn_local
+from conftest import REPO, launch_world
 from test_layouts import STEPS, base_overrides
 
 WORKER = str(REPO / "tests" / "train_worker.py")
@@ -42,10 +40,7 @@ def curves(pd_dataset, tmp_path_factory):
     results = {}
     for nproc, runs in RUNS.items():
         tmp = tmp_path_factory.mktemp(f"z{nproc}")
-        spec, out = tmp / "spec.json", tmp / "out.json"
-        spec.write_text(json.dumps({"data": pd_dataset, "base": base_overrides(tmp / "run"), "runs": runs}))
-        assert spawn_local(nproc, [str(spec), str(out)], script=WORKER, env=clean_env()) == 0
-        results.update(json.loads(out.read_text()))
+        results.update(launch_world(WORKER, nproc, pd_dataset, base_overrides(tmp / "run"), runs, tmp))
     return results
 
 
