@@ -55,8 +55,8 @@ def _check_inputs(config) -> None:
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from rapidnlp.config import load_config, resolve_layout
-    from rapidnlp.dist.bootstrap import detect_env
-    from rapidnlp.dist.launch import spawn_local, under_launcher
+    from rapidnlp.distributed.bootstrap import detect_env
+    from rapidnlp.distributed.launch import spawn_local, under_launcher
 
     config = load_config(args.config, overrides)
     _check_inputs(config)
@@ -71,12 +71,12 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _run_worker(config, resume: str | None) -> int:
     """One rank of a training run: process group, mesh, trainer. Never returns normally."""
-    from rapidnlp.dist.bootstrap import init_distributed, shutdown
+    from rapidnlp.distributed.bootstrap import init_distributed, shutdown
 
     env = init_distributed()
     code = 0
     try:
-        from rapidnlp.dist.mesh import ParallelDims
+        from rapidnlp.distributed.mesh import ParallelDims
         from rapidnlp.train.checkpoint import Checkpointer, resolve_resume
         from rapidnlp.train.trainer import Trainer, write_run_config
 

@@ -23,8 +23,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from rapidnlp.config import load_config, resolve_layout
-    from rapidnlp.dist.bootstrap import init_distributed, shutdown
-    from rapidnlp.dist.mesh import ParallelDims
+    from rapidnlp.distributed.bootstrap import init_distributed, shutdown
+    from rapidnlp.distributed.mesh import ParallelDims
     from rapidnlp.train.checkpoint import Checkpointer
     from rapidnlp.train.trainer import Trainer
 
@@ -88,7 +88,7 @@ def main() -> int:
     args = ap.parse_args()
     if "RANK" in os.environ:
         worker(args)
-    from rapidnlp.dist.launch import spawn_local
+    from rapidnlp.distributed.launch import spawn_local
 
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="bench_ckpt_")
     argv = ["--data", args.data, "--config", args.config, "--repeat", str(args.repeat), "--run-dir", run_dir]

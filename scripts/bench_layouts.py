@@ -39,8 +39,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from rapidnlp.config import apply, load_config, resolve_layout
-    from rapidnlp.dist.bootstrap import init_distributed, shutdown
-    from rapidnlp.dist.mesh import ParallelDims
+    from rapidnlp.distributed.bootstrap import init_distributed, shutdown
+    from rapidnlp.distributed.mesh import ParallelDims
     from rapidnlp.train.trainer import Trainer
 
     env = init_distributed()
@@ -88,7 +88,7 @@ def main() -> int:
     import torch
 
     from rapidnlp.config import load_config
-    from rapidnlp.dist.launch import spawn_local
+    from rapidnlp.distributed.launch import spawn_local
     from rapidnlp.train.memory import estimate_state_bytes
 
     if args.precision is None:

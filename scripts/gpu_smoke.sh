@@ -42,9 +42,9 @@ except Exception as exc:  # informative only
 
 failures = []
 
-print("== 1-process nccl all_reduce via rapidnlp.dist.bootstrap.init_distributed")
+print("== 1-process nccl all_reduce via rapidnlp.distributed.bootstrap.init_distributed")
 import torch.distributed as dist
-from rapidnlp.dist.bootstrap import init_distributed, shutdown
+from rapidnlp.distributed.bootstrap import init_distributed, shutdown
 
 t0 = time.perf_counter()
 env = init_distributed(timeout_s=120)

@@ -34,7 +34,7 @@ def clean_env(**extra) -> dict:
 def launch_world(worker: str, nproc: int, data: str, base: dict, runs: list[dict], tmp) -> dict:
     """Run `runs` (each {"name", "overrides", ...}) one after another in one launched world of
     nproc local processes (tests/train_worker.py's spec format); returns name -> result."""
-    from rapidnlp.dist.launch import spawn_local
+    from rapidnlp.distributed.launch import spawn_local
 
     spec, out = tmp / f"spec{nproc}.json", tmp / f"out{nproc}.json"
     spec.write_text(json.dumps({"data": data, "base": base, "runs": runs}))

@@ -9,7 +9,7 @@ and, when it built DeepSpeedCPUAdam, "op_load_seconds" (its JIT compile, or the 
 or {"error": the UserError's line}.
 """
 from rapidnlp.config import Config
-from rapidnlp.dist.mesh import ParallelDims
+from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.errors import UserError
 from train_worker import run_layouts
 

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from rapidnlp.dist.bootstrap import init_distributed, shutdown
+from rapidnlp.distributed.bootstrap import init_distributed, shutdown
 
 
 def _say(line: str) -> None:

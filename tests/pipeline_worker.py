@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rapidnlp.config import Config
-from rapidnlp.dist.mesh import ParallelDims
+from rapidnlp.distributed.mesh import ParallelDims
 from train_worker import run_layouts
 
 warnings.filterwarnings("ignore")

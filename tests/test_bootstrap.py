@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from rapidnlp.dist import bootstrap
-from rapidnlp.dist.bootstrap import (
+from rapidnlp.distributed import bootstrap
+from rapidnlp.distributed.bootstrap import (
     DistEnv,
     detect_env,
     launcher_of,
@@ -12,7 +12,7 @@ from rapidnlp.dist.bootstrap import (
     parse_slurm_tasks_per_node,
     slurm_port,
 )
-from rapidnlp.dist.launch import under_launcher
+from rapidnlp.distributed.launch import under_launcher
 from rapidnlp.errors import UserError
 
 # ---------------------------------------------------------------- nodelist

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import clean_env
 from kernels_env import needs_triton
-from rapidnlp.dist.bootstrap import free_port
+from rapidnlp.distributed.bootstrap import free_port
 
 pytestmark = [needs_triton, pytest.mark.timeout(180)]
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, clean_env
-from rapidnlp.dist.bootstrap import free_port
+from rapidnlp.distributed.bootstrap import free_port
 
 
 def dry_run(script, *args, **env):

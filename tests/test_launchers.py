@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rapidnlp.dist.bootstrap import free_port
-from rapidnlp.dist.launch import spawn_local
+from rapidnlp.distributed.bootstrap import free_port
+from rapidnlp.distributed.launch import spawn_local
 
 from conftest import LAUNCHER_VARS, clean_env
 
@@ -51,7 +51,7 @@ def _read_pids(pid_dir: Path, n: int) -> list[int]:
 
 def _start_launcher(pid_dir: Path, *probe_args: str) -> subprocess.Popen:
     """spawn_local(2, probe) in its own session, so that killpg cannot hit pytest."""
-    code = ("import sys; from rapidnlp.dist.launch import spawn_local; "
+    code = ("import sys; from rapidnlp.distributed.launch import spawn_local; "
             "sys.exit(spawn_local(2, sys.argv[2:], script=sys.argv[1], grace_s=5))")
     return subprocess.Popen(
         [sys.executable, "-c", code, PROBE, "--pid-dir", str(pid_dir), *probe_args],
@@ -226,7 +226,7 @@ def test_failing_worker_stops_the_others(clean_environ, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_shutdown_flushes_and_exits_with_code():
-    code = "import sys; from rapidnlp.dist.bootstrap import shutdown; print('bye', end=''); shutdown(7)"
+    code = "import sys; from rapidnlp.distributed.bootstrap import shutdown; print('bye', end=''); shutdown(7)"
     env = clean_env()
     del env["PYTHONUNBUFFERED"]  # any non-empty value, even "0", unbuffers stdout
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

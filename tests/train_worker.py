@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from rapidnlp.config import Config, apply, resolve_layout
-from rapidnlp.dist.bootstrap import init_distributed, shutdown
-from rapidnlp.dist.mesh import ParallelDims
+from rapidnlp.distributed.bootstrap import init_distributed, shutdown
+from rapidnlp.distributed.mesh import ParallelDims
 
 warnings.filterwarnings("ignore")
 

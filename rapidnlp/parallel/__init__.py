@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rapidnlp.config import ParallelConfig, TrainConfig
-from rapidnlp.dist.mesh import ParallelDims
+from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.model.bert import BertForMLM
 from rapidnlp.parallel.activation_checkpoint import apply_activation_checkpointing
 from rapidnlp.parallel.data_parallel import apply_ddp, apply_fsdp

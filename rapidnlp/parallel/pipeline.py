@@ -57,7 +57,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import loss_parallel
 
 from rapidnlp.config import Config, ModelConfig, accumulation_steps, max_predictions, pp_split_counts
-from rapidnlp.dist.mesh import ParallelDims
+from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim.norms import local_tensor, squared_norms
 from rapidnlp.parallel import parallelize, uses_loss_parallel

@@ -7,7 +7,7 @@ the model and optimizer go through `deepspeed.initialize`: ZeRO stage 0-3, `offl
 and precision. Data parallelism only: tensor and pipeline parallelism stay with the torch backend
 (rapidnlp.config enforces it).
 
-What it must not do: initialise the process group (rapidnlp.dist.bootstrap did; DeepSpeed wraps
+What it must not do: initialise the process group (rapidnlp.distributed.bootstrap did; DeepSpeed wraps
 the existing one), import deepspeed at module level (the extra is optional; `deepspeed_config`
 needs no deepspeed), or own the LR schedule and batch sizes (train.* does).
 
@@ -39,7 +39,7 @@ import time
 import torch
 
 from rapidnlp.config import Config, accumulation_steps
-from rapidnlp.dist.mesh import ParallelDims
+from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.errors import UserError
 from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim import lr_at, param_groups

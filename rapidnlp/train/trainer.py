@@ -1,6 +1,6 @@
 """The training loop: data -> model -> parallelize -> optimizer steps -> metrics.
 
-It runs inside an initialised process group (rapidnlp.dist.bootstrap) and sees the model only
+It runs inside an initialised process group (rapidnlp.distributed.bootstrap) and sees the model only
 after rapidnlp.parallel has made it parallel. One optimizer step consumes one global batch:
 this rank's share of it in micro-batches, gradients accumulated, the loss normalised by the
 masked-token count of the whole global batch (so the single process and every layout compute
@@ -27,7 +27,7 @@ from rapidnlp.data.indexed import IndexedDataset
 from rapidnlp.data.mlm import IGNORE_INDEX, MLMSampleBuilder, SpecialIds, build_sample_ranges
 from rapidnlp.data.sampler import GlobalBatchSampler
 from rapidnlp.data.tokenizer import Tokenizer
-from rapidnlp.dist.mesh import ParallelDims
+from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.errors import UserError
 from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim import build_optimizer, lr_at

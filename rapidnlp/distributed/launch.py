@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Mapping
 
-from rapidnlp.dist.bootstrap import LAUNCHER_PID_VAR, free_port, launcher_of
+from rapidnlp.distributed.bootstrap import LAUNCHER_PID_VAR, free_port, launcher_of
 from rapidnlp.errors import UserError
 
 _POLL_S = 0.05

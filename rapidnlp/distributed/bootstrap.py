@@ -2,7 +2,7 @@
 rendezvous, and create the default process group; end workers without interpreter teardown.
 
 This module only bootstraps processes. It must not build device meshes or subgroups
-(that is `rapidnlp.dist.mesh`'s job), must not read the training config, and must not
+(that is `rapidnlp.distributed.mesh`'s job), must not read the training config, and must not
 import mpi4py at module level: MPI is optional and only used to agree on a rendezvous
 address when mpirun gave none.
 """
