@@ -3,7 +3,7 @@
 One place defines the splits that the benchmark, the landing pretraining and the tests share:
 unique lines only (47 lines are in both files: dropped from both), shuffled once with a fixed
 seed, then a test split (600 per class), a few-shot pool (1,000 per class; K-shot train and dev
-sets are drawn from it per seed), and the rest as unlabelled text. The landing pretraining may
+sets are drawn from it per seed), and the rest as unlabelled text, less any line that contains a test or pool text. The landing pretraining may
 read only `unlabelled`, never the test split nor the pool (scripts/pretrain_landing.sh checks it).
 
 Domains for MetaKD come from keyword rules on the text (`domain_of`): a review that names a book
@@ -12,6 +12,7 @@ is `book`, one about rooms or the front desk is `hotel`, one about delivery, goo
 """
 from __future__ import annotations
 
+import bisect
 import os
 import random
 
@@ -55,7 +56,26 @@ def splits(seed: int = 0) -> dict[str, list[dict]]:
         out["unlabelled"] += rows[TEST_PER_CLASS + POOL_PER_CLASS:]
     for rows in out.values():
         rng.shuffle(rows)
+    out["unlabelled"] = _without(out["unlabelled"], {r["text"] for r in out["test"] + out["pool"]})
     return out
+
+
+def _without(rows: list[dict], held_out: set[str], min_chars: int = 20) -> list[dict]:
+    """Rows whose text contains no held-out text of min_chars or more (some reviews quote others)."""
+    big = "\n".join(r["text"] for r in rows)
+    starts, pos = [], 0
+    for r in rows:
+        starts.append(pos)
+        pos += len(r["text"]) + 1
+    drop = set()
+    for text in held_out:
+        if len(text) < min_chars:
+            continue
+        at = big.find(text)
+        while at >= 0:
+            drop.add(bisect.bisect_right(starts, at) - 1)
+            at = big.find(text, at + 1)
+    return [r for i, r in enumerate(rows) if i not in drop]
 
 
 def few_shot(pool: list[dict], k: int, seed: int) -> tuple[list[dict], list[dict]]:
