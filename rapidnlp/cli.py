@@ -98,7 +98,7 @@ def _run_worker(config, resume: str | None) -> int:
         write_run_config(config)
         if env.rank == 0:
             print(
-                f"training: {env.world_size} process(es), pp={p.pp} dp={p.dp} ({p.dp_mode}) tp={p.tp}, "
+                f"training: {env.world_size} process(es), pp={p.pp} dp={p.dp} (zero {p.zero}) tp={p.tp}, "
                 f"{config.train.steps} steps, run dir {os.path.abspath(config.train.run_dir)}",
                 flush=True,
             )

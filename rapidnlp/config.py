@@ -51,15 +51,14 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 0  # 0: whatever the world size leaves after tp and pp
-    dp_mode: str = "fsdp"  # fsdp | ddp; shorthand for zero = 3 | 0 when zero is not set
-    zero: int = -1  # 0: DDP, 1: + sharded optimizer state, 2: + sharded gradients, 3: + sharded parameters (FSDP)
+    zero: int = 3  # 0: DDP, 1: + sharded optimizer state, 2: + sharded gradients, 3: + sharded parameters (FSDP)
     hsdp_shard: int = 0  # HSDP (zero 2/3): shard within groups of this many dp ranks, replicate across; 0: off
     cpu_offload: bool = False  # zero 3: parameters, gradients and optimizer state live in CPU memory
     sequence_parallel: bool = True  # only meaningful with tp > 1
     loss_parallel: bool = True  # vocab-parallel cross-entropy; only meaningful with tp > 1
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b | zero_bubble | zbv; only with pp > 1
     pp_virtual_stages: int = 1  # stages per pp rank (interleaved1f1b, zero_bubble; zbv needs 2)
-    pp_split: str = ""  # layers per stage, e.g. "3,5,5,3"; "": balanced by a FLOPs estimate
+    pp_split: list = field(default_factory=list)  # layers per stage, e.g. [3, 5, 5, 3]; []: balanced by FLOPs
 
 
 @dataclass
@@ -122,6 +121,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # objective name (a module of rapidnlp.pretrain) -> loss weight, in training order
+    objectives: dict = field(default_factory=lambda: {"mlm": 1.0})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +132,10 @@ class Config:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
+# Fields that were removed: the line that says what replaces them.
+REMOVED = {
+    "parallel.dp_mode": "parallel.dp_mode was removed: set parallel.zero instead (fsdp = 3, ddp = 0)",
+}
 
 
 def _coerce(where: str, value: Any, target: Any) -> Any:
@@ -152,6 +157,15 @@ def _coerce(where: str, value: Any, target: Any) -> Any:
         if as_float != int(as_float):
             raise UserError(f"{where}: expected an integer, got {value!r}")
         return int(as_float)
+    if kind is list:
+        if isinstance(value, str):
+            value = [x for x in value.strip().strip("[]").split(",") if x.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, e.g. [3, 5], got {value!r}")
+        try:
+            return [_coerce(where, x, 0) for x in value]
+        except UserError:
+            raise UserError(f"{where}: expected a list of integers, e.g. [3, 5], got {value!r}") from None
     if kind is float:
         try:
             return float(value)
@@ -170,6 +184,11 @@ def apply(config: Config, section: str, key: str, value: Any, where: str) -> Non
     """Set config.section.key = value (coerced), with errors that name the field."""
     if section not in SECTIONS:
         raise _unknown(where, section, list(SECTIONS))
+    if f"{section}.{key}" in REMOVED:
+        raise UserError(f"{where}: {REMOVED[section + '.' + key]}")
+    if section == "objectives":
+        config.objectives[key] = _coerce(f"{where}: objectives.{key}", value, 0.0)
+        return
     obj = getattr(config, section)
     names = [f.name for f in dataclasses.fields(obj)]
     if key not in names:
@@ -178,7 +197,8 @@ def apply(config: Config, section: str, key: str, value: Any, where: str) -> Non
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML file (or the defaults) and apply `--section.field value` overrides."""
+    """Load a TOML file (or the defaults) and apply `--section.field value` overrides. A file
+    with an [objectives] table replaces the default objectives (mlm = 1.0) with its own."""
     config = Config()
     if path:
         if not os.path.isfile(path):
@@ -191,6 +211,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise _unknown(path, section, list(SECTIONS))
+            if section == "objectives":
+                config.objectives = {}
             for key, value in values.items():
                 apply(config, section, key, value, path)
     for section, key, value in parse_overrides(overrides or []):
@@ -242,13 +264,8 @@ def resolve_layout(config: Config, world_size: int) -> None:
             f"parallel.pp ({p.pp}) x parallel.dp ({p.dp}) x parallel.tp ({p.tp}) = {p.pp * p.dp * p.tp}, "
             f"but the world size is {world_size}"
         )
-    if p.dp_mode not in ("fsdp", "ddp"):
-        raise UserError(f"parallel.dp_mode = '{p.dp_mode}': choose fsdp or ddp")
-    if p.zero == -1:
-        p.zero = 3 if p.dp_mode == "fsdp" else 0
     if p.zero not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero = {p.zero}: choose 0, 1, 2 or 3")
-    p.dp_mode = "fsdp" if p.zero >= 2 else "ddp"
     if p.zero == 1 and p.tp > 1:
         raise UserError(
             "parallel.zero = 1 with parallel.tp > 1: torch 2.13's ZeroRedundancyOptimizer cannot hold DTensor "
@@ -305,6 +322,24 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"data.mask_prob ({config.data.mask_prob}) must be between 0 and 1")
     if p.pp > 1:
         _check_pipeline(config)
+    _check_objectives(config)
+
+
+def _check_objectives(config: Config) -> None:
+    """Each objective is a module of rapidnlp.pretrain (found without importing torch); the
+    masked-LM objective is always there (the engine pretrains and exports a masked LM)."""
+    import importlib.util
+
+    if "mlm" not in config.objectives:
+        raise UserError("objectives: mlm is missing; every run trains the masked-LM objective "
+                        "(its weight may be 0)")
+    for name, weight in config.objectives.items():
+        if not name.isidentifier() or name in ("objective",) or \
+                importlib.util.find_spec(f"rapidnlp.pretrain.{name}") is None:
+            raise UserError(f"objectives.{name}: no such objective (a module rapidnlp/pretrain/{name}.py "
+                            "exporting OBJECTIVE)")
+        if weight < 0:
+            raise UserError(f"objectives.{name} = {weight}: a loss weight must be at least 0")
 
 
 def _check_deepspeed(config: Config) -> None:
@@ -330,7 +365,7 @@ def _check_deepspeed(config: Config) -> None:
     if p.cpu_offload and p.zero == 0:
         raise UserError("train.backend = deepspeed: parallel.cpu_offload needs parallel.zero >= 1 "
                         "(DeepSpeed's offload_optimizer is a ZeRO feature)")
-    from rapidnlp.train.deepspeed_backend import NO_CHECKPOINTS, deepspeed_config  # imports no deepspeed
+    from rapidnlp.deepspeed_config import NO_CHECKPOINTS, deepspeed_config  # torch-free
 
     if config.checkpoint.enabled:
         raise UserError(NO_CHECKPOINTS)
@@ -351,14 +386,8 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zero_bubble", "zbv")
 
 
 def pp_split_counts(p: ParallelConfig) -> list[int]:
-    """parallel.pp_split as layer counts per stage ("3,5" or a TOML array "[3, 5]"); [] when unset."""
-    text = p.pp_split.strip().strip("[]")
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"parallel.pp_split = '{p.pp_split}': expected layer counts per stage, e.g. '3,5,5,3'") from None
+    """parallel.pp_split: layer counts per stage; [] when unset (balanced by FLOPs)."""
+    return list(p.pp_split)
 
 
 def _check_pipeline(config: Config) -> None:
@@ -393,7 +422,7 @@ def _check_pipeline(config: Config) -> None:
     if counts:
         if len(counts) != stages or min(counts) < 1 or sum(counts) != m.num_layers:
             raise UserError(
-                f"parallel.pp_split = '{p.pp_split}': needs {stages} counts (parallel.pp x parallel.pp_virtual_stages), "
+                f"parallel.pp_split = {p.pp_split}: needs {stages} counts (parallel.pp x parallel.pp_virtual_stages), "
                 f"each at least 1, summing to model.num_layers ({m.num_layers})"
             )
     elif m.num_layers % stages:

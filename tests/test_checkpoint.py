@@ -57,7 +57,7 @@ def test_keeps_the_last_three(reference):
     assert (ckpts / "latest").read_text() == "step_8"
     meta = json.loads((ckpts / "step_8" / "meta.json").read_text())
     assert meta["step"] == 8 and meta["consumed_tokens"] == 8 * 8 * 64
-    assert meta["layout"] == {"pp": 1, "dp": 2, "tp": 1, "dp_mode": "fsdp", "zero": 3, "hsdp_shard": 0, "world_size": 2}
+    assert meta["layout"] == {"pp": 1, "dp": 2, "tp": 1, "zero": 3, "hsdp_shard": 0, "world_size": 2}
     assert {"config.json", "tokenizer.model", ".metadata", "rng/rank_0.json", "rng/rank_1.json"} <= set(meta["files"])
 
 
@@ -111,7 +111,7 @@ def test_async_save_resumes_exactly(pd_dataset, reference, tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("nproc, layout", [
     ("1", []),                                  # dp=2 fsdp -> single process
-    ("2", ["--parallel.dp_mode", "ddp"]),       # fsdp -> ddp
+    ("2", ["--parallel.zero", "0"]),          # fsdp -> ddp
     ("2", ["--parallel.tp", "2"]),              # dp=2 -> tp=2
     ("2", ["--parallel.pp", "2"]),              # dp=2 -> pp=2
     ("2", ["--parallel.zero", "1"]),            # fsdp -> ZeRO-1

@@ -1,7 +1,7 @@
 """Config loading, overrides and layout validation: every bad value is one line naming the field."""
 import pytest
 
-from rapidnlp.config import Config, accumulation_steps, load_config, max_predictions, parse_overrides, resolve_layout
+from rapidnlp.config import apply, Config, accumulation_steps, load_config, max_predictions, parse_overrides, resolve_layout
 from rapidnlp.errors import UserError
 
 from conftest import REPO
@@ -62,7 +62,7 @@ def _layout(world, **fields):
     config = Config()
     for name, value in fields.items():
         section, key = name.split("__")
-        setattr(getattr(config, section), key, value)
+        apply(config, section, key, value, "test")
     resolve_layout(config, world)
     return config
 
@@ -75,7 +75,9 @@ def _layout(world, **fields):
     (2, {"train__global_batch": 6, "train__micro_batch": 2}, r"train.global_batch \(6\) is not divisible by train.micro_batch \(2\) x parallel.dp \(2\)"),
     (2, {"parallel__tp": 2, "data__seq_len": 63, "model__max_position_embeddings": 64}, r"data.seq_len \(63\) is not divisible by parallel.tp \(2\)"),
     (1, {"data__seq_len": 1024}, r"data.seq_len \(1024\) exceeds model.max_position_embeddings"),
-    (1, {"parallel__dp_mode": "zero"}, r"parallel.dp_mode = 'zero'"),
+    (1, {"parallel__dp_mode": "ddp"}, r"parallel.dp_mode was removed: set parallel.zero instead"),
+    (1, {"objectives__mlm": -1.0}, r"objectives.mlm = -1.0: a loss weight must be at least 0"),
+    (1, {"objectives__nope": 1.0}, r"objectives.nope: no such objective"),
     (1, {"train__precision": "fp8"}, r"train.precision = 'fp8'"),
     (2, {"parallel__zero": 1, "parallel__tp": 2, "train__global_batch": 8}, r"parallel.zero = 1 with parallel.tp > 1"),
     (2, {"parallel__hsdp_shard": 2, "parallel__zero": 0}, r"parallel.hsdp_shard = 2 needs parallel.zero = 2 or 3"),

@@ -29,12 +29,12 @@ LAYOUTS = {
     2: {
         "tp2": {"parallel.tp": 2},
         "tp2_no_sp": {"parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False},
-        "dp2_fsdp": {"parallel.dp_mode": "fsdp"},
-        "dp2_ddp": {"parallel.dp_mode": "ddp"},
+        "dp2_fsdp": {"parallel.zero": 3},
+        "dp2_ddp": {"parallel.zero": 0},
     },
     4: {
-        "tp2_dp2_fsdp": {"parallel.tp": 2, "parallel.dp_mode": "fsdp"},
-        "tp2_dp2_ddp": {"parallel.tp": 2, "parallel.dp_mode": "ddp"},
+        "tp2_dp2_fsdp": {"parallel.tp": 2, "parallel.zero": 3},
+        "tp2_dp2_ddp": {"parallel.tp": 2, "parallel.zero": 0},
     },
 }
 

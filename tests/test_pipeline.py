@@ -31,7 +31,8 @@ def base_overrides(run_dir) -> dict:
 
 
 PP2 = {"parallel.pp": 2}
-# world size -> layout name -> (overrides, reference layout, knowledge injection)
+TOY = {"objectives.toy": 0.5}  # rapidnlp/pretrain/toy.py: an input piece, a block piece after layer 1, a head
+# world size -> layout name -> (overrides, reference layout, with the toy objective)
 WORLDS = {
     1: {
         "single": ({}, None, False),
@@ -43,7 +44,7 @@ WORLDS = {
         "pp2_gpipe": ({**PP2, "parallel.pp_schedule": "gpipe"}, "single", False),
         "pp2_1f1b": ({**PP2, "parallel.pp_schedule": "1f1b"}, "single", False),
         "pp2_1f1b_lamb": ({**PP2, "train.optimizer": "lamb"}, "single_lamb", False),
-        "pp2_1f1b_split_3_1": ({**PP2, "parallel.pp_split": "3,1"}, "single", False),
+        "pp2_1f1b_split_3_1": ({**PP2, "parallel.pp_split": [3, 1]}, "single", False),
         "pp2_interleaved1f1b_v2": (
             {**PP2, "parallel.pp_schedule": "interleaved1f1b", "parallel.pp_virtual_stages": 2}, "single", False),
         "pp2_zero_bubble_v2": (
@@ -55,8 +56,8 @@ WORLDS = {
         "pp2_tp2": ({**PP2, "parallel.tp": 2}, "single", False),
         "pp2_tp2_no_sp": ({**PP2, **SHORT, "parallel.tp": 2, "parallel.sequence_parallel": False,
                            "parallel.loss_parallel": False}, "single_short", False),
-        "pp2_dp2_fsdp": ({**PP2, "parallel.dp_mode": "fsdp"}, "single", False),
-        "pp2_dp2_replicate": ({**PP2, "parallel.dp_mode": "ddp"}, "single", False),
+        "pp2_dp2_fsdp": ({**PP2, "parallel.zero": 3}, "single", False),
+        "pp2_dp2_replicate": ({**PP2, "parallel.zero": 0}, "single", False),
         "pp2_dp2_interleaved1f1b_v2": (
             {**PP2, "parallel.pp_schedule": "interleaved1f1b", "parallel.pp_virtual_stages": 2}, "single", False),
         "pp2_dp2_zbv_zero2": (
@@ -78,8 +79,8 @@ def curves(pd_dataset, tmp_path_factory):
     results = {}
     for nproc in WORLDS:
         tmp = tmp_path_factory.mktemp(f"pp{nproc}")
-        runs = [{"name": name, "overrides": over, "knowledge": knowledge}
-                for name, (over, _, knowledge) in WORLDS[nproc].items()]
+        runs = [{"name": name, "overrides": {**over, **(TOY if toy else {})}}
+                for name, (over, _, toy) in WORLDS[nproc].items()]
         results.update(launch_world(WORKER, nproc, pd_dataset, base_overrides(tmp / "run"), runs, tmp))
     return results
 
@@ -94,7 +95,7 @@ def _series(rows, key):
 def test_pipeline_matches_single_process(curves, layout):
     ref, got = curves[REFERENCE[layout]]["rows"], curves[layout]["rows"]
     assert len(ref) == len(got) == OVERRIDES[layout].get("train.steps", STEPS)
-    keys = ["loss", "grad_norm", "val_loss"] + [k for k in ref[0] if k.startswith("aux_")]
+    keys = ["loss", "grad_norm", "val_loss"] + [k for k in ref[-1] if k.startswith(("loss_", "val_loss_", "val_toy_"))]
     for key in keys:
         want = _series(ref, key)
         assert len(want) > 0, key
@@ -114,15 +115,15 @@ def test_activation_memory_follows_the_schedule(curves):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_references_learn(curves):
-    """The references must train (equal curves of a no-op would prove nothing), and the knowledge
-    run must really differ from plain MLM (its mid-stack module and auxiliary loss took part)."""
+    """The references must train (equal curves of a no-op would prove nothing), and the toy
+    objective's run must really differ from plain MLM (its pieces and loss took part)."""
     loss = _series(curves["single"]["rows"], "loss")
     assert loss[-5:].mean() < loss[:5].mean() - 0.3, loss
-    plain, knowledge = curves["single_short"]["rows"], curves["single_knowledge"]["rows"]
-    assert "aux_tagging" in knowledge[0] and "aux_tagging" not in plain[0]
-    aux = _series(knowledge, "aux_tagging")
-    assert aux[-3:].mean() < aux[:3].mean() - 0.1, aux
-    assert not np.allclose(_series(knowledge, "grad_norm"), _series(plain, "grad_norm"))
+    plain, toy = curves["single_short"]["rows"], curves["single_knowledge"]["rows"]
+    assert "loss_toy" in toy[0] and "loss_toy" not in plain[0]
+    part = _series(toy, "loss_toy")
+    assert part[-3:].mean() < part[:3].mean() - 0.1, part
+    assert not np.allclose(_series(toy, "grad_norm"), _series(plain, "grad_norm"))
 
 
 def _layout(world: int, **fields) -> Config:
@@ -146,8 +147,8 @@ def _layout(world: int, **fields) -> Config:
          "train__global_batch": 10, "train__micro_batch": 2},
      r"5 micro-batches per step .* do not form equal rounds of parallel.pp \(2\)"),
     (2, {"parallel__pp": 2, "parallel__pp_split": "3,2"},
-     r"parallel.pp_split = '3,2': needs 2 counts .* summing to model.num_layers \(4\)"),
-    (2, {"parallel__pp": 2, "parallel__pp_split": "three,one"}, r"parallel.pp_split = 'three,one': expected"),
+     r"parallel.pp_split = \[3, 2\]: needs 2 counts .* summing to model.num_layers \(4\)"),
+    (2, {"parallel__pp": 2, "parallel__pp_split": "three,one"}, r"parallel.pp_split: expected a list of integers"),
     (2, {"parallel__pp": 2, "parallel__pp_schedule": "dualpipe"}, r"parallel.pp_schedule = 'dualpipe': choose"),
     (2, {"parallel__pp": 2, "parallel__pp_virtual_stages": 2},
      r"parallel.pp_virtual_stages = 2 needs an interleaved schedule"),
@@ -184,7 +185,6 @@ def test_stages_partition_the_full_model():
     """Stage parameter names are the full model's; together the stages hold every parameter once,
     plus the decoder's own copy of the tied weight, which starts equal to the embedding."""
     from rapidnlp.model.bert import BertForMLM
-    from rapidnlp.parallel.pipeline import StageModule
 
     config = Config()
     config.model.vocab_size = 1000
@@ -192,8 +192,8 @@ def test_stages_partition_the_full_model():
     model = BertForMLM(config.model)
     names = {n for n, _ in model.named_parameters()}
     full = {n: p.detach().clone() for n, p in model.named_parameters()}
-    first = StageModule(model, [0, 1, 2], first=True, last=False)
-    last = StageModule(model, [3], first=False, last=True)
+    first = model.stage_view([0, 1, 2], first=True, last=False)
+    last = model.stage_view([3], first=False, last=True)
     a, b = dict(first.named_parameters()), dict(last.named_parameters())
     assert set(a) | set(b) == names | {"lm_head.decoder.weight"} and not set(a) & set(b)
     assert b["lm_head.decoder.weight"] is not a["embeddings.word_embeddings.weight"]

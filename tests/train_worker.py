@@ -34,33 +34,32 @@ def make_config(data: str, overrides: dict, world: int) -> Config:
 
 def dense_twin_check(config: Config) -> dict:
     """Each parameter's gradient and the logits of a TP model against the same model unsharded."""
-    from torch.distributed.tensor import DTensor
+    from contextlib import nullcontext
 
-    from rapidnlp.model.bert import BertForMLM
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
     from rapidnlp.parallel import parallelize, uses_loss_parallel
     from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
     from rapidnlp.pretrain.mlm import mlm_loss_sum
+    from rapidnlp.pretrain.objective import build_model, build_objectives
     from rapidnlp.train.trainer import load_data
 
     data = load_data(config)
     batch = data.train.collate(range(4))
-    args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"])
-
+    objectives = build_objectives(config)
     torch.manual_seed(0)
-    dense = BertForMLM(config.model)
+    dense = build_model(config, objectives)
     torch.manual_seed(0)
-    model = BertForMLM(config.model)
+    model = build_model(config, objectives)
+    args = (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in model.field_names))
     dims = ParallelDims.from_config(config.parallel)
     model = parallelize(model, dims, config.parallel, config.train)
 
-    dense_logits = dense(*args)
+    dense_logits = dense(*args)[0]
     mlm_loss_sum(dense_logits, batch["mlm_labels"]).backward()
-    from contextlib import nullcontext
-
-    from torch.distributed.tensor.parallel import loss_parallel
-
     with loss_parallel() if uses_loss_parallel(dims, config.parallel) else nullcontext():
-        logits = model(*args)
+        logits = model(*args)[0]
         mlm_loss_sum(logits, batch["mlm_labels"]).backward()
     reduce_partial_grads(list(model.parameters()))
 
@@ -82,14 +81,16 @@ def dense_twin_check(config: Config) -> dict:
 
 
 def inject_inf(trainer, step: int) -> None:
-    """Make the loss of optimizer step `step` (1-based) infinite, as an fp16 overflow would."""
-    forward_loss = trainer._forward_loss
+    """Make the loss of optimizer step `step` (1-based) infinite, as an fp16 overflow would: in
+    the loss function, which every layout's step calls (the pipeline schedule's too)."""
+    base = type(trainer.loss_fn)
 
-    def patched(batch):
-        loss = forward_loss(batch)
-        return loss * float("inf") if trainer.step == step - 1 else loss
+    class Injected(base):
+        def __call__(self, outputs, index):
+            loss = base.__call__(self, outputs, index)
+            return loss * float("inf") if trainer.step == step - 1 else loss
 
-    trainer._forward_loss = patched
+    trainer.loss_fn.__class__ = Injected
 
 
 def run_layouts(run_one: Callable[[dict, Config], object], *, timeout_s: float = 120) -> None:

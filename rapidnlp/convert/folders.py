@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 
-from rapidnlp.config import Config, ModelConfig, apply
+from rapidnlp.config import REMOVED, Config, ModelConfig, apply
 from rapidnlp.convert.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from rapidnlp.errors import UserError
 from rapidnlp.io import write_json_atomic
@@ -39,7 +39,11 @@ def load_config_json(path: str) -> Config:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read the checkpoint's config ({e})") from None
     for section, values in data.items():
+        if section == "objectives":
+            config.objectives = {}
         for key, value in values.items():
+            if f"{section}.{key}" in REMOVED:
+                continue  # written by an older version; its replacement has its own entry
             apply(config, section, key, value, path)
     return config
 

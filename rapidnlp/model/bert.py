@@ -16,11 +16,18 @@ same either way. Attention stays on SDPA.
 
 This module knows nothing of parallelism: it imports nothing from torch.distributed.
 Attention reshapes with -1 heads so that column-parallel q/k/v (rapidnlp/parallel/) simply see
-fewer heads; the embedding/decoder tie is restored after sharding by `tie_weights()`.
+fewer heads; tied parameters (the embedding/decoder pair, and any a piece declares) are restored
+after sharding by `tie_weights()`.
+
+Objectives (rapidnlp/pretrain/) add `Piece`s: modules placed on the input side, after a block,
+or as heads on the final hidden states. The MLM head is the first such piece.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +135,8 @@ class Block(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """Gathers the hidden states at the masked positions, then transform + vocabulary decoder."""
+    """Gathers the hidden states at the masked positions, then transform + vocabulary decoder.
+    A head piece: `(hidden, key_mask, fields) -> logits [b, P, V]`, reading fields["mlm_positions"]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,16 +144,60 @@ class MLMHead(nn.Module):
         self.norm = layer_norm(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor, fields: dict) -> torch.Tensor:
+        positions = fields["mlm_positions"]
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         x = torch.gather(hidden, 1, index)
         return self.decoder(self.norm(F.gelu(self.dense(x))))
 
 
-class BertForMLM(nn.Module):
-    """embeddings -> blocks -> final norm -> MLM head at masked positions -> logits [b, P, V]."""
+@dataclass
+class Piece:
+    """A module an objective adds to the model, placed by role (rapidnlp/pretrain/objective.py).
 
-    def __init__(self, cfg: ModelConfig):
+    role "input": `module(input_ids, key_mask, fields) -> [b, s, h]`, added to the embeddings;
+    role "block": `module(hidden, key_mask, fields) -> hidden`, right after block `layer`;
+    role "head":  `module(final_hidden, key_mask, fields) -> output`, one model output per head.
+    `fields` are the batch fields the model carries (`BertForMLM.field_names`). `name` is the
+    model attribute (and parameter prefix). `ties` maps a parameter of the piece to the model
+    parameter it shares (relative name -> full name). `tp_plan(sequence_parallel, loss_parallel)`
+    gives the piece's own tensor-parallel plan; None: replicated over tp and fed the whole
+    sequence. `fsdp_unit`: shard it as its own FSDP unit. `flops_per_sequence`: its training
+    FLOPs for one sequence (counted in MFU and in the pipeline split).
+    """
+
+    name: str
+    role: str
+    module: nn.Module
+    layer: int = -1
+    fields: tuple[str, ...] = ()
+    ties: dict[str, str] = dataclass_field(default_factory=dict)
+    tp_plan: Callable | None = None
+    fsdp_unit: bool = False
+    flops_per_sequence: float = 0.0
+
+
+def mlm_piece(cfg: ModelConfig, predictions: int = 0) -> Piece:
+    """The masked-LM head, its decoder tied to the word embedding (one parameter, two uses)."""
+    return Piece(
+        name="lm_head", role="head", module=MLMHead(cfg), fields=("mlm_positions",),
+        ties={"decoder.weight": "embeddings.word_embeddings.weight"},
+        flops_per_sequence=6.0 * (cfg.hidden_size ** 2 + cfg.hidden_size * cfg.padded_vocab_size) * predictions,
+    )
+
+
+class BertForMLM(nn.Module):
+    """embeddings -> blocks -> final norm -> heads, with the objectives' pieces in their places.
+
+    forward(x, attention_mask, *fields): x is input_ids [b, s] where the model has embeddings,
+    else the hidden state [b, s, h] from the previous pipeline stage; `fields` are the batch
+    fields named by `field_names`, in that order. Returns the head outputs (one per head piece,
+    in order) where the model has its final norm; else (hidden, attention_mask, *fields) for
+    the next stage. A pipeline stage is this same class with the pieces it does not own absent
+    (None), as torchtitan's models do (`stage_view`).
+    """
+
+    def __init__(self, cfg: ModelConfig, pieces: list[Piece] | None = None):
         super().__init__()
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
@@ -153,38 +205,123 @@ class BertForMLM(nn.Module):
         # drops the layers it does not own.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
         self.final_norm = layer_norm(cfg)
-        self.lm_head = MLMHead(cfg)
-        self.tie_weights()
+        pieces = [mlm_piece(cfg)] if pieces is None else pieces
+        for piece in pieces:
+            if hasattr(self, piece.name):
+                raise ValueError(f"objective module name '{piece.name}' is taken")
+            setattr(self, piece.name, piece.module)
+        self.pieces = {piece.name: piece for piece in pieces}
+        fields = ["token_type_ids"] + [f for piece in pieces for f in piece.fields]
+        self.field_names = tuple(dict.fromkeys(fields))
         self.init_weights()
+        self.tie_weights()
+
+    def _of_role(self, role: str, layer: int = -1) -> list[nn.Module]:
+        return [getattr(self, p.name) for p in self.pieces.values()
+                if p.role == role and p.layer == layer and getattr(self, p.name) is not None]
+
+    @property
+    def head_names(self) -> list[str]:
+        return [p.name for p in self.pieces.values() if p.role == "head"]
+
+    def tied_parameters(self) -> dict[str, str]:
+        """{copy's full parameter name: original's}: the model's tied pairs, read from its pieces."""
+        return {f"{p.name}.{rel}": full for p in self.pieces.values() for rel, full in p.ties.items()}
 
     def tie_weights(self) -> None:
-        self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
+        """Make every tied copy the original's Parameter (after init, and after TP replaced them).
+        Only where this model holds both ends (a pipeline stage may hold one)."""
+        for copy, original in self.tied_parameters().items():
+            owner, _, attr = copy.rpartition(".")
+            try:
+                target = self.get_parameter(original)
+                module = self.get_submodule(owner)
+            except AttributeError:
+                continue
+            setattr(module, attr, target)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers);
+        pieces too, then a piece module's own `init_weights()` where it has one (a gate that
+        starts shut, a table initialised from the word embedding). Tied copies are replaced by
+        their originals afterwards (`tie_weights`)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 scaled = name.endswith("attention.dense") or name.endswith("mlp.fc2")
-                if not name.endswith("lm_head.decoder"):  # tied: initialised as the embedding
-                    module.weight.normal_(0.0, std / math.sqrt(2 * self.cfg.num_layers) if scaled else std)
+                module.weight.normal_(0.0, std / math.sqrt(2 * self.cfg.num_layers) if scaled else std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+        for piece in self.pieces.values():
+            if hasattr(piece.module, "init_weights"):
+                piece.module.init_weights(self)
+
+    def stage_view(self, layer_ids: list[int], *, first: bool, last: bool) -> "BertForMLM":
+        """A pipeline stage: the same submodules (shared, not copied) for the layers in
+        `layer_ids`, the embeddings and input pieces if `first`, the final norm and heads if
+        `last`, every other piece absent. A tied copy whose original is on another stage gets a
+        Parameter of its own (same values), whose gradient the pipeline sums with the original's."""
+        view = BertForMLM.__new__(BertForMLM)
+        nn.Module.__init__(view)
+        view.cfg, view.pieces, view.field_names = self.cfg, self.pieces, self.field_names
+        view.embeddings = self.embeddings if first else None
+        view.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in layer_ids})
+        view.final_norm = self.final_norm if last else None
+        for piece in self.pieces.values():
+            keep = {"input": first, "head": last, "block": piece.layer in layer_ids}[piece.role]
+            setattr(view, piece.name, getattr(self, piece.name) if keep else None)
+        for copy, original in self.tied_parameters().items():
+            owner, _, attr = copy.rpartition(".")
+            if not _holds(view, owner) or _holds(view, original):
+                continue
+            module = view.get_submodule(owner)
+            setattr(module, attr, nn.Parameter(getattr(module, attr).detach().clone()))
+        return view
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, *fields: torch.Tensor):
+        named = dict(zip(self.field_names, fields))
+        key_mask = attention_mask.bool()
+        if self.embeddings is not None:
+            input_ids = x
+            x = self.embeddings(input_ids, named["token_type_ids"])
+            for piece in self._of_role("input"):
+                x = x + piece(input_ids, key_mask, named)
+        for i, block in self.layers.items():
+            x = block(x, key_mask)
+            for piece in self._of_role("block", int(i)):
+                x = piece(x, key_mask, named)
+        if self.final_norm is None:
+            return (x, attention_mask, *fields)
+        hidden = self.final_norm(x)
+        return tuple(head(hidden, key_mask, named) for head in self._of_role("head"))
 
     def encode(self, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
-        """The encoder alone: final-normed hidden states [b, s, h]."""
+        """The encoder alone (whole model): final-normed hidden states [b, s, h]."""
         key_mask = attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids)
         for block in self.layers.values():
             x = block(x, key_mask)
         return self.final_norm(x)
 
-    def forward(self, input_ids, token_type_ids, attention_mask, mlm_positions) -> torch.Tensor:
-        return self.lm_head(self.encode(input_ids, token_type_ids, attention_mask), mlm_positions)
+    def mlm_logits(self, input_ids, token_type_ids, attention_mask, mlm_positions) -> torch.Tensor:
+        """The MLM head's logits [b, P, V] of the whole model (conversion and reference checks)."""
+        fields = {"token_type_ids": token_type_ids, "mlm_positions": mlm_positions}
+        hidden = self.encode(input_ids, token_type_ids, attention_mask)
+        return self.lm_head(hidden, attention_mask.bool(), fields)
+
+
+def _holds(model: nn.Module, name: str) -> bool:
+    """Whether `name` (a submodule or parameter) is present in this (possibly partial) model."""
+    node = model
+    for part in name.split("."):
+        node = getattr(node, part, None) if not isinstance(node, nn.ModuleDict) else node[part] if part in node else None
+        if node is None:
+            return False
+    return True
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:

@@ -42,7 +42,11 @@ def apply_fsdp(model: BertForMLM, mesh: DeviceMesh, *, reshard_after_forward: bo
                   mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
     for block in model.layers.values():
         fully_shard(block, **kwargs)
-    # The root unit holds the embeddings and the MLM head: the tied weight lives in one unit.
+    for piece in model.pieces.values():
+        if piece.fsdp_unit and getattr(model, piece.name) is not None:
+            fully_shard(getattr(model, piece.name), **kwargs)
+    # The root unit holds the embeddings, the final norm and the other pieces (the MLM head:
+    # the tied weight lives in one unit).
     fully_shard(model, **kwargs)
     return model
 

@@ -6,9 +6,11 @@ for `loss_parallel` cross-entropy. With sequence parallelism the residual stream
 is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard, and the
 blocks all-gather before attention/MLP and reduce-scatter after them.
 
-The word embedding and the decoder are one tied parameter, sharded the same way (Shard(0) over
-vocabulary rows) by both plans; `parallelize_module` replaces each module's parameter by its
-own DTensor, so the tie is restored afterwards.
+The word embedding and the decoder (the MLM objective's plan, rapidnlp/pretrain/mlm.py) are one
+tied parameter, sharded the same way (Shard(0) over vocabulary rows) by both plans;
+`parallelize_module` replaces each module's parameter by its own DTensor, so the model restores
+its ties afterwards. The encoder's plan applies to whatever a pipeline stage holds (absent parts
+are None).
 """
 from __future__ import annotations
 
@@ -27,27 +29,24 @@ from rapidnlp.model.bert import BertForMLM
 
 
 def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool) -> None:
+    """The encoder's plan, then each present objective piece's: its own plan if it declares one,
+    and under sequence parallelism the whole sequence gathered into it (block and head pieces)
+    and a block's or input piece's output scattered back to this rank's sequence shard."""
     residual = Shard(1) if sequence_parallel else Replicate()
-    root_plan = {
-        "embeddings.word_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "lm_head.decoder": ColwiseParallel(
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel,
-        ),
-    }
+    root_plan = {}
+    if model.embeddings is not None:
+        root_plan["embeddings.word_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if sequence_parallel:
-        root_plan.update({
+        if model.embeddings is not None:
             # Position and token-type embeddings are added on the whole sequence, then each rank
             # keeps its sequence shard (a local slice, no communication).
-            "embeddings": PrepareModuleOutput(
+            root_plan["embeddings"] = PrepareModuleOutput(
                 output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
-            ),
-            "final_norm": SequenceParallel(),
-            "lm_head": PrepareModuleInput(
-                input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None), use_local_output=True
-            ),
-        })
-    parallelize_module(model, tp_mesh, root_plan)
+            )
+        if model.final_norm is not None:
+            root_plan["final_norm"] = SequenceParallel()
+    if root_plan:
+        parallelize_module(model, tp_mesh, root_plan)
 
     for block in model.layers.values():
         plan = {
@@ -69,7 +68,29 @@ def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_pa
             })
         parallelize_module(block, tp_mesh, plan)
 
+    for piece in model.pieces.values():
+        module = getattr(model, piece.name)
+        if module is None:
+            continue
+        if piece.tp_plan is not None:
+            parallelize_module(module, tp_mesh, piece.tp_plan(sequence_parallel, loss_parallel))
+        if sequence_parallel:
+            _sequence_parallel_piece(module, piece.role, tp_mesh)
+
     model.tie_weights()
+
+
+def _sequence_parallel_piece(module, role: str, tp_mesh: DeviceMesh) -> None:
+    """Block and head pieces see the whole sequence (gathered from the shards; its gradient is
+    sliced back); block and input pieces hand back this rank's shard of what they computed alike
+    on every tp rank (a local slice; its gradient is gathered)."""
+    if role in ("block", "head"):
+        parallelize_module(module, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None),
+            use_local_output=True))
+    if role in ("block", "input"):
+        parallelize_module(module, tp_mesh, PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True))
 
 
 def reduce_partial_grads(parameters) -> None:

@@ -172,14 +172,18 @@ def set_rng_state(state: dict) -> None:
 # parameters, as whole tensors) save and load like every other layout. Optimizer
 # hyper-parameters are not saved: they come from the config (the LR from the schedule).
 
-# Under pipelining the last stage holds its own copy of the tied word embedding as the MLM
-# decoder (rapidnlp.parallel.pipeline); both copies take the same steps, so the optimizer state of
-# the copy is the embedding's, saved once under the embedding's name.
-TIED_COPIES = {"lm_head.decoder.weight": "embeddings.word_embeddings.weight"}
+# Under pipelining a stage may hold its own copy of a tied parameter (the MLM decoder's copy of
+# the word embedding; rapidnlp.parallel.pipeline); both copies take the same steps, so the
+# optimizer state of the copy is the original's, saved once under the original's name. The
+# tied pairs are the model's (`tied_parameters()`).
 
 
 def _module(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _tied(model: torch.nn.Module) -> dict[str, str]:
+    return _module(model).tied_parameters()
 
 
 def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -224,10 +228,8 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, de
     names = {id(p): n for n, p in _module(model).named_parameters()}
     held = [(names[id(p)], p) for group in local.param_groups for p in group["params"]]
     local_names = {name for name, _ in held}
-    return {
-        TIED_COPIES.get(name, name): local.state[p] for name, p in held
-        if TIED_COPIES.get(name) not in local_names
-    }
+    tied = _tied(model)
+    return {tied.get(name, name): local.state[p] for name, p in held if tied.get(name) not in local_names}
 
 
 def _sync_tied_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -235,7 +237,7 @@ def _sync_tied_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     last stage on one rank) gives the copy the original's loaded optimizer state."""
     local = _local_optimizer(optimizer)
     params = dict(_module(model).named_parameters())
-    for copy, original in TIED_COPIES.items():
+    for copy, original in _tied(model).items():
         if copy in params and original in params and params[copy] in local.state:
             for k, v in local.state[params[original]].items():
                 local.state[params[copy]][k].copy_(v)
@@ -243,7 +245,7 @@ def _sync_tied_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 def layout(trainer) -> dict:
     p = trainer.config.parallel
-    return {"pp": p.pp, "dp": p.dp, "tp": p.tp, "dp_mode": p.dp_mode, "zero": p.zero,
+    return {"pp": p.pp, "dp": p.dp, "tp": p.tp, "zero": p.zero,
             "hsdp_shard": p.hsdp_shard, "world_size": dist.get_world_size()}
 
 
@@ -380,7 +382,8 @@ class Checkpointer:
             trainer.scaler.load_state_dict(meta["loss_scaler"])
         rng_file = os.path.join(path, "rng", f"rank_{rank}.json")
         # RNG streams only mean something on the same layout (they drive dropout per rank).
-        if meta["layout"] == layout(trainer) and os.path.isfile(rng_file):
+        saved = {k: v for k, v in meta["layout"].items() if k != "dp_mode"}  # dp_mode: before zero alone
+        if saved == layout(trainer) and os.path.isfile(rng_file):
             with open(rng_file) as f:
                 set_rng_state(json.load(f))
         self.last_save_time = time.monotonic()

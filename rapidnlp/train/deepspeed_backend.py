@@ -1,6 +1,7 @@
 """The optional DeepSpeed backend (`train.backend = "deepspeed"`, the `deepspeed` extra).
 
-The same BertForMLM, data, sampler, loss normalisation and LR schedule as the torch backend, but
+The same model (objectives' pieces included), data, sampler, forward, loss function (its
+normalisation too) and LR schedule as the torch backend, but
 the model and optimizer go through `deepspeed.initialize`: ZeRO stage 0-3, `offload_optimizer`
 (DeepSpeedCPUAdam) and bf16/fp16 come from a DeepSpeed config generated from ours
 (`deepspeed_config`), over which a user's JSON (`train.deepspeed_config`) wins for ZeRO, offload
@@ -31,91 +32,22 @@ On CPU (DeepSpeed 0.19.8, torch 2.13):
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import time
 
 import torch
 
-from rapidnlp.config import Config, accumulation_steps
+from rapidnlp.config import Config
+from rapidnlp.deepspeed_config import NO_CHECKPOINTS, deepspeed_config
 from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.errors import UserError
-from rapidnlp.model.bert import BertForMLM
 from rapidnlp.optim import lr_at, param_groups
 from rapidnlp.optim.norms import global_norm
 from rapidnlp.train.memory import optimizer_state_bytes, tensor_bytes
-from rapidnlp.train.trainer import Data, Trainer
-
-# DeepSpeed config keys that train.* owns: a user's JSON may repeat them ("auto" or the same
-# value) but not change them, since the loss normalisation and the schedule are ours.
-OWNED = {
-    "train_batch_size": "train.global_batch",
-    "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x dp)",
-    "gradient_clipping": "train.clip_grad",
-}
-# Sections we refuse outright: AdamW's hyperparameters and the LR schedule are train.*'s.
-REFUSED = {"optimizer": "train.lr, train.beta1/2, train.eps, train.weight_decay",
-           "scheduler": "train.warmup_steps, train.lr_decay, train.min_lr"}
-NO_CHECKPOINTS = "train.backend = deepspeed does not write checkpoints yet; set checkpoint.enabled = false"
-
+from rapidnlp.train.trainer import Data, Trainer, reduce_dp
 
 def default_extensions_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "rapidnlp", "torch_extensions")
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def deepspeed_config(config: Config) -> dict:
-    """The DeepSpeed config for a resolved Config: ours from parallel.zero/cpu_offload and
-    train.precision, with train.deepspeed_config's JSON merged over it. Raises UserError for a
-    JSON that contradicts train.*. Needs no deepspeed import (config validation can call it)."""
-    p, t = config.parallel, config.train
-    zero = {"stage": p.zero}
-    if p.cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if p.zero == 3:
-            zero["offload_param"] = {"device": "cpu"}
-    ours = {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": accumulation_steps(config),
-        "gradient_clipping": t.clip_grad,  # 0: no clipping, as ours
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0,  # 0: dynamic
-                 "initial_scale_power": round(math.log2(t.loss_scale)), "loss_scale_window": t.loss_scale_window},
-        "steps_per_print": 2**31 - 1,  # progress lines are ours
-        "wall_clock_breakdown": False,
-    }
-    if not t.deepspeed_config:
-        return ours
-    path = t.deepspeed_config
-    try:
-        with open(path) as f:
-            user = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"train.deepspeed_config: cannot read {path}: {e}") from None
-    if not isinstance(user, dict):
-        raise UserError(f"train.deepspeed_config: {path} must hold a JSON object")
-    for key, owner in REFUSED.items():
-        if key in user:
-            raise UserError(f"train.deepspeed_config: {path} sets '{key}'; remove it, {owner} set that")
-    for key, owner in OWNED.items():
-        if key in user and user[key] != "auto" and user[key] != ours[key]:
-            raise UserError(f"train.deepspeed_config: {path} sets {key} = {user[key]}, but {owner} gives "
-                            f"{ours[key]}; remove it from the JSON or change the {owner.split()[0]} setting")
-    user = {k: v for k, v in user.items() if k not in OWNED}
-    if user.get("bf16", {}).get("enabled") or user.get("fp16", {}).get("enabled"):
-        # The JSON's precision wins: drop ours, so that exactly one of the two is enabled.
-        ours = {k: v for k, v in ours.items() if k not in ("bf16", "fp16")}
-    return _merge(ours, user)
 
 
 def import_deepspeed():
@@ -141,8 +73,9 @@ class DeepSpeedTrainer(Trainer):
         self.ds_config = deepspeed_config(config)
         super().__init__(config, dims, data=data, stream=stream)
 
-    def _build_model(self, injection) -> None:
-        """BertForMLM and our AdamW (DeepSpeedCPUAdam under offload) wrapped by deepspeed.initialize."""
+    def _build_model(self, model) -> None:
+        """The model (objectives' pieces included) and our AdamW (DeepSpeedCPUAdam under
+        offload) wrapped by deepspeed.initialize."""
         deepspeed = import_deepspeed()
         t = self.config.train
         if self.ds_config.get("fp16", {}).get("enabled"):
@@ -151,7 +84,7 @@ class DeepSpeedTrainer(Trainer):
             if not get_accelerator().is_fp16_supported():
                 raise UserError(f"fp16 (train.precision or train.deepspeed_config): DeepSpeed's "
                                 f"{get_accelerator().device_name()} accelerator does not support it here; use bf16 or fp32")
-        model = BertForMLM(self.config.model).to(self.device)
+        model = model.to(self.device)
         groups = param_groups(model, t.weight_decay)
         zero = self.ds_config.get("zero_optimization", {})
         offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
@@ -171,13 +104,16 @@ class DeepSpeedTrainer(Trainer):
         # it from the dp-reduced gradients before its step.
         engine = self.model
         self._plain_fp32 = not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
-        self.pipeline = None
+        self.parts = None
         self.loss_parallel = False
         self.scaler = None  # DeepSpeed's fp16 optimizer scales the loss itself
 
     def _autocast(self):
         # DeepSpeed casts the module itself for bf16/fp16 (fp32 master weights in its optimizer).
         return contextlib.nullcontext()
+
+    def _forward_only(self, inputs):
+        return self.model(*inputs)
 
     def train_step(self) -> dict:
         t = self.config.train
@@ -186,24 +122,24 @@ class DeepSpeedTrainer(Trainer):
         lr = lr_at(self.step, t)
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
-        batches = [self._batch(self.data.train, idx) for idx in self.sampler.next_step()]
-        global_count = self._global_count(batches)
+        batch = self._batch(self.data.train, self.sampler.next_step())
+        norms = self._normalisers(batch)
         # DeepSpeed divides the loss by gradient_accumulation_steps and averages gradients over
-        # dp: scaling by both makes the gradient the global batch's mean token loss, as the
-        # single process computes it.
-        scale = self.dims.dp * engine.gradient_accumulation_steps() / global_count
-        loss_total = torch.zeros((), device=self.device)
+        # dp: scaling by both makes the gradient the global batch's weighted mean losses, as the
+        # single process computes them. The forward and the loss are the torch backend's.
+        n = engine.gradient_accumulation_steps()
+        self.loss_fn.begin(batch, norms, self.dims.dp * n)
         skipped_before, norm = engine.skipped_steps, None
         fp16 = engine.fp16_enabled()
         loss_scale = float(engine.optimizer.loss_scale) if fp16 else None  # the scale this step runs with
+        inputs = self._inputs(batch)
         with self.activations.track():
-            for i, batch in enumerate(batches):
-                loss_sum = self._forward_loss(batch)
-                engine.backward(loss_sum * scale)
-                if i == len(batches) - 1 and self._plain_fp32:
+            for i, chunk in enumerate(torch.arange(inputs[0].shape[0], device=self.device).chunk(n)):
+                engine.backward(self.loss_fn(engine(*(x[chunk] for x in inputs)), chunk))
+                if i == n - 1 and self._plain_fp32:
                     norm = float(global_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
                 engine.step()  # accumulates; reduces, clips and steps at the boundary
-                loss_total += loss_sum.detach()
+        sums = reduce_dp(self.loss_fn.recorded(n, self.device), self.dims)
         overflow = engine.skipped_steps > skipped_before
         grad_norm = None if overflow else _float(engine.get_global_grad_norm() if norm is None else norm)
         params = list(engine.module.parameters())
@@ -214,7 +150,7 @@ class DeepSpeedTrainer(Trainer):
             "mem_activation_bytes": self.activations.bytes,
             "mem_optimizer_bytes": optimizer_state_bytes(self.base_optimizer),
         }
-        row = self._finish_step(loss_total, global_count, lr, grad_norm, started, memory)
+        row = self._finish_step(sums, norms, lr, grad_norm, started, memory)
         if fp16:
             row["loss_scale"], row["skipped_steps"] = loss_scale, engine.skipped_steps
         return row

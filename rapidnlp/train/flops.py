@@ -1,14 +1,10 @@
-"""Model FLOPs and device peak FLOPs: the one place each is defined.
-
-MFU = achieved model FLOPs / peak. Model FLOPs count what the model needs, not what the
-implementation does (activation recomputation does not raise them), as in Megatron-LM and
-torchtitan.
+"""Device peak FLOPs: the one place they are defined. MFU = achieved model FLOPs
+(rapidnlp/model/flops.py) / peak.
 """
 from __future__ import annotations
 
 import torch
 
-from rapidnlp.config import ModelConfig
 
 # Dense bf16 tensor-core peaks per device (no sparsity), in FLOP/s.
 PEAK_BF16_FLOPS = {
@@ -17,21 +13,6 @@ PEAK_BF16_FLOPS = {
     "H100": 989e12,  # SXM
     "H200": 989e12,
 }
-
-
-def training_flops_per_sequence(cfg: ModelConfig, seq_len: int, predictions: int) -> float:
-    """Forward + backward FLOPs for one sequence of seq_len tokens with `predictions` MLM positions.
-
-    Matmuls cost 2 FLOPs per multiply-add forward and twice that backward: 6 x matmul parameters
-    per token. Per layer: q, k, v, output (4 h^2) and the MLP (2 h f). Attention scores and the
-    weighted sum add 2 x 2 s h per token forward (12 s h per token for training). The MLM head
-    (dense h^2 and decoder h V) runs only at the predicted positions. Embedding lookups, norms and
-    element-wise work are not counted.
-    """
-    h, f, layers, vocab = cfg.hidden_size, cfg.ffn_size, cfg.num_layers, cfg.padded_vocab_size
-    per_token = 6 * layers * (4 * h * h + 2 * h * f) + 12 * layers * seq_len * h
-    head = 6 * (h * h + h * vocab) * predictions
-    return float(per_token * seq_len + head)
 
 
 def peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | None:

@@ -18,27 +18,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
-from rapidnlp.config import Config, max_predictions
+from rapidnlp.config import Config, accumulation_steps, max_predictions
 from rapidnlp.data.indexed import IndexedDataset
 from rapidnlp.data.mlm import IGNORE_INDEX, MLMSampleBuilder, SpecialIds, build_sample_ranges
 from rapidnlp.data.sampler import GlobalBatchSampler
 from rapidnlp.data.tokenizer import Tokenizer
 from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.errors import UserError
-from rapidnlp.model.bert import BertForMLM
+from rapidnlp.model.flops import training_flops_per_sequence
 from rapidnlp.optim import build_optimizer, lr_at
 from rapidnlp.optim.loss_scale import DynamicLossScaler
-from rapidnlp.optim.norms import clip_grad_norm_
-from rapidnlp.parallel import parallelize, uses_loss_parallel
-from rapidnlp.parallel.pipeline import Injection, build_pipeline
-from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
-from rapidnlp.pretrain.mlm import mlm_loss_sum
+from rapidnlp.parallel import uses_loss_parallel
+from rapidnlp.parallel.pipeline import Stages
+from rapidnlp.pretrain.objective import ObjectiveLoss, build_model, build_objectives, collate, normalisers, plain
 from rapidnlp.train.checkpoint import Checkpointer
-from rapidnlp.train.flops import peak_flops, training_flops_per_sequence
+from rapidnlp.train.flops import peak_flops
 from rapidnlp.train.memory import ActivationCounter, optimizer_state_bytes, tensor_bytes
 from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
 
@@ -92,14 +89,10 @@ def load_data(config: Config) -> Data:
     return Data(train=train, val=val, special=special)
 
 
-def _reduce_dp(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+def reduce_dp(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     if dims.dp_enabled:
         dist.all_reduce(t, group=dims.mesh["dp"].get_group())
     return t
-
-
-def _scalar(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _gradient_sync(model, enabled: bool):
@@ -112,15 +105,21 @@ def _gradient_sync(model, enabled: bool):
 
 
 class Trainer:
-    def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None,
-                 injection: Injection | None = None):
+    def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None):
         self.config = config
         self.dims = dims
         self.device = dims.device
         self.data = data or load_data(config)
         t = config.train
+        self.objectives = build_objectives(config)
         seed_everything(t.seed)  # identical initial weights on every rank
-        self._build_model(injection)
+        model = build_model(config, self.objectives)
+        self.head_names = model.head_names
+        self.field_names = model.field_names
+        self.flops_per_step = t.global_batch * training_flops_per_sequence(
+            config.model, config.data.seq_len, model.pieces.values())
+        self.loss_fn = ObjectiveLoss(self.objectives, self.head_names)
+        self._build_model(model)
         self.activations = ActivationCounter()
         self.sampler = GlobalBatchSampler(
             len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
@@ -133,30 +132,27 @@ class Trainer:
             t.run_dir, t.steps, enabled=self.is_logger, tensorboard=t.tensorboard, stream=stream
         )
         self.peak = peak_flops(self.device, t.peak_tflops)
-        self.flops_per_step = t.global_batch * training_flops_per_sequence(
-            config.model, config.data.seq_len, max_predictions(config)
-        )
         # Dropout masks differ per dp rank (different samples) but agree within a tp group,
         # whose ranks compute on the same replicated activations.
         torch.manual_seed(t.seed + 1 + dims.dp_rank)
 
-    def _build_model(self, injection: Injection | None) -> None:
-        """model, optimizer, pipeline, loss_parallel and scaler (what another backend replaces)."""
+    def _build_model(self, model) -> None:
+        """Stages (the parallel model), optimizer, loss_parallel and scaler: what another backend replaces."""
         config, dims, t = self.config, self.dims, self.config.train
-        self.pipeline = None  # pp > 1 or knowledge injection: stages run by rapidnlp.parallel.pipeline
-        if dims.pp_enabled or injection is not None:
-            self.pipeline = build_pipeline(config, dims, self.device, injection, forward_context=self._autocast)
-            self.model = self.pipeline.model
-        else:
-            model = BertForMLM(config.model).to(self.device)
-            self.model = parallelize(model, dims, config.parallel, t)
+        self.parts = Stages(model, config, dims, self.device)
+        self.model = self.parts.model
         zero1 = dims.mesh["dp"].get_group() if config.parallel.zero == 1 and dims.dp_enabled else None
         self.optimizer = build_optimizer(self.model, t, zero1_group=zero1)
         self.loss_parallel = uses_loss_parallel(dims, config.parallel)
         self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window) if t.precision == "fp16" else None
 
-    def _batch(self, builder: MLMSampleBuilder, indices) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in builder.collate(indices).items()}
+    def _batch(self, builder, micro_batches) -> dict[str, torch.Tensor]:
+        """This rank's share of one global batch, micro-batches concatenated in order."""
+        indices = [i for micro in micro_batches for i in micro]
+        return {k: v.to(self.device) for k, v in collate(builder, self.objectives, indices).items()}
+
+    def _inputs(self, batch) -> tuple[torch.Tensor, ...]:
+        return (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in self.field_names))
 
     def _autocast(self):
         """bf16/fp16 compute under autocast; the parameters (the master weights) stay fp32."""
@@ -168,35 +164,25 @@ class Trainer:
     def _loss_context(self):
         return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
 
-    def _forward_loss(self, batch) -> torch.Tensor:
-        with self._autocast():
-            logits = self.model(
-                batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"]
-            )
-        return mlm_loss_sum(logits, batch["mlm_labels"])
+    def _normalisers(self, batch) -> torch.Tensor:
+        return reduce_dp(normalisers(self.objectives, batch).to(self.device), self.dims)
 
-    def _global_count(self, batches) -> torch.Tensor:
-        count = sum((b["mlm_labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float32)
-        return _reduce_dp(count, self.dims)
+    def _pipeline_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Values only the last stage computed, on every rank (summed over the pp group)."""
+        if self.dims.pp_enabled:
+            dist.all_reduce(t, group=self.dims.mesh["pp"].get_group())
+        return t
 
-    def _forward_backward(self, batches, global_count: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over this rank's micro-batches; returns their summed token loss."""
-        # The loss is a mean over the global batch; dp wrappers average gradients over dp ranks,
-        # so each rank's share is scaled by dp to make that average the sum.
-        scale = self.dims.dp / global_count * (self.scaler.scale if self.scaler else 1.0)
-        if self.pipeline is not None:  # auxiliary losses enter as a mean per sample
-            aux_scale = scale * global_count / self.config.train.global_batch
-            with self.activations.track():
-                loss_total, self._aux_total = self.pipeline.forward_backward(batches, scale, aux_scale)
-            return loss_total
-        loss_total = torch.zeros((), device=self.device)
-        with self.activations.track():
-            for i, batch in enumerate(batches):
-                with _gradient_sync(self.model, i == len(batches) - 1), self._loss_context():
-                    loss_sum = self._forward_loss(batch)
-                    (loss_sum * scale).backward()
-                loss_total += _scalar(loss_sum).detach()
-        return loss_total
+    def _forward_backward(self, batch, norms: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches; returns each objective's loss sum
+        over the global batch. The loss is a mean over the global batch; dp wrappers average
+        gradients over dp ranks, so each rank's share is scaled by dp to make that average the sum."""
+        scale = self.dims.dp * (self.scaler.scale if self.scaler else 1.0)
+        self.loss_fn.begin(batch, norms, scale)
+        with self.activations.track(), self._autocast():
+            self.parts.forward_backward(self._inputs(batch), self.loss_fn, self._loss_context, _gradient_sync)
+        sums = self.loss_fn.recorded(self.parts.n_microbatches, self.device)
+        return reduce_dp(self._pipeline_sum(sums), self.dims)
 
     def train_step(self) -> dict:
         t = self.config.train
@@ -204,41 +190,42 @@ class Trainer:
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self._batch(self.data.train, idx) for idx in self.sampler.next_step()]
-        global_count = self._global_count(batches)
-        loss_total = self._forward_backward(batches, global_count)
+        batch = self._batch(self.data.train, self.sampler.next_step())
+        norms = self._normalisers(batch)
+        sums = self._forward_backward(batch, norms)
         params = list(self.model.parameters())
-        reduce_partial_grads(params)
         memory = {"mem_params_bytes": tensor_bytes(params), "mem_grads_bytes": tensor_bytes(p.grad for p in params),
                   "mem_activation_bytes": self.activations.bytes}
         overflow = self.scaler.unscale_and_check([p.grad for p in params if p.grad is not None]) if self.scaler else False
-        clip = self.pipeline.clip_grad_norm_ if self.pipeline else lambda c: clip_grad_norm_(params, c)
-        grad_norm = None if overflow else clip(t.clip_grad)
+        grad_norm = None if overflow else self.parts.clip_grad_norm_(t.clip_grad)
         if not overflow:  # fp16 overflow: skip the update, the scaler backs off
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         memory["mem_optimizer_bytes"] = optimizer_state_bytes(self.optimizer)
-        row = self._finish_step(loss_total, global_count, lr, grad_norm, started, memory)
-        if self.pipeline is not None and self.pipeline.aux_names:
-            aux = _reduce_dp(self._aux_total.clone(), self.dims) / t.global_batch
-            row.update({f"aux_{name}": float(v) for name, v in zip(self.pipeline.aux_names, aux)})
+        row = self._finish_step(sums, norms, lr, grad_norm, started, memory)
         if self.scaler:
             row["loss_scale"] = self.scaler.scale  # the scale this step ran with
             self.scaler.update(overflow)
             row["skipped_steps"] = self.scaler.skipped_steps
         return row
 
-    def _finish_step(self, loss_total: torch.Tensor, global_count: torch.Tensor, lr: float, grad_norm,
+    def _losses(self, sums: torch.Tensor, norms: torch.Tensor, prefix: str = "") -> dict:
+        """{prefix}loss (the weighted total) and {prefix}loss_<objective> for each objective."""
+        parts = sums / norms.clamp(min=1)
+        row = {f"{prefix}loss": float(sum(o.weight * v for o, v in zip(self.objectives, parts)))}
+        row.update({f"{prefix}loss_{o.name}": float(v) for o, v in zip(self.objectives, parts)})
+        return row
+
+    def _finish_step(self, sums: torch.Tensor, norms: torch.Tensor, lr: float, grad_norm,
                      started: float, memory: dict) -> dict:
         """Count the step and return its metrics row (every backend's common part)."""
         t = self.config.train
-        loss = _reduce_dp(loss_total, self.dims) / global_count
         self.step += 1
         elapsed = time.perf_counter() - started
         tflops = self.flops_per_step / elapsed / dist.get_world_size() / 1e12
         return {
             "step": self.step,
-            "loss": float(loss),
+            **self._losses(sums, norms),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": t.global_batch * self.config.data.seq_len / elapsed,
@@ -248,28 +235,47 @@ class Trainer:
             **memory,
         }
 
+    def _forward_only(self, inputs):
+        return self.parts.forward_only(inputs, self._loss_context)
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Masked-LM loss on the first eval_batches global batches of the held-out split."""
+    def evaluate(self) -> dict:
+        """Every objective's loss (and their weighted total) and metrics on the first
+        eval_batches global batches of the held-out split: {val_loss, val_loss_<o>, val_<o>_<metric>}."""
         t = self.config.train
         builder = self.data.val
         sampler = GlobalBatchSampler(
             len(builder), global_batch=t.global_batch, micro_batch=t.micro_batch,
             dp_rank=self.dims.dp_rank, dp_size=self.dims.dp, seed=t.seed, shuffle=False,
         )
+        names = [(o, m) for o in self.objectives for m in o.metric_names]
+        sums = torch.zeros(len(self.objectives), device=self.device)
+        norms = torch.zeros(len(self.objectives), device=self.device)
+        metrics = torch.zeros(len(names), 2, device=self.device)
         self.model.eval()
-        total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for _ in range(t.eval_batches):
-            batches = [self._batch(builder, idx) for idx in sampler.next_step()]
-            count += self._global_count(batches)
-            if self.pipeline is not None:
-                total += self.pipeline.evaluate(batches)
-                continue
-            for batch in batches:
+            batch = self._batch(builder, sampler.next_step())
+            norms += self._normalisers(batch)
+            inputs = self._inputs(batch)
+            for chunk in torch.arange(inputs[0].shape[0], device=self.device).chunk(accumulation_steps(self.config)):
+                with self._autocast():
+                    outputs = self._forward_only(tuple(x[chunk] for x in inputs))
+                if outputs is None:
+                    continue  # not the last pipeline stage
+                named = self.loss_fn.named(outputs)
+                micro = {k: v[chunk] for k, v in batch.items()}
                 with self._loss_context():
-                    total += _scalar(self._forward_loss(batch))
+                    sums += torch.stack([plain(o.loss_sum(named, micro)).float() for o in self.objectives])
+                values = {(o.name, k): v for o in self.objectives for k, v in o.metrics(named, micro).items()}
+                for i, (o, m) in enumerate(names):
+                    metrics[i] += torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in values[(o.name, m)]])
         self.model.train()
-        return float(_reduce_dp(total, self.dims) / count)
+        sums = reduce_dp(self._pipeline_sum(sums), self.dims)
+        metrics = reduce_dp(self._pipeline_sum(metrics), self.dims)
+        row = self._losses(sums, norms, prefix="val_")
+        row.update({f"val_{o.name}_{m}": float(metrics[i, 0] / metrics[i, 1].clamp(min=1))
+                    for i, (o, m) in enumerate(names)})
+        return row
 
     def request_stop(self, *_) -> None:
         """Signal handler (SIGTERM/SIGUSR1): finish the current step, save, stop."""
@@ -293,7 +299,7 @@ class Trainer:
         while self.step < t.steps:
             row = self.train_step()
             if t.eval_interval and self.data.val is not None and self.step % t.eval_interval == 0:
-                row["val_loss"] = self.evaluate()
+                row.update(self.evaluate())
             if resumed_from is not None:
                 row["resumed_from"], resumed_from = resumed_from, None
             rows.append(row)
