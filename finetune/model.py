@@ -44,6 +44,9 @@ def load_tokenizer(path: str):
 
 def load_model(path: str) -> nn.Module:
     from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     check_folder(path)
     try:

@@ -93,6 +93,9 @@ def check_realisable(tok, parts: list[str], verbalizer: Verbalizer) -> None:
     k = parts.index("{mask}")
     left = parts[k - 1] if k > 0 and not parts[k - 1].startswith("{") else ""
     right = parts[k + 1] if k + 1 < len(parts) and not parts[k + 1].startswith("{") else ""
+    for p in parts:
+        if not p.startswith("{") and tok.unk_token_id is not None and tok.unk_token_id in _ids(tok, p):
+            raise UserError(f"template text '{p}' has characters this tokenizer does not know ([UNK]); reword it")
     for w in verbalizer.words:
         joint = _ids(tok, left + w + right)
         piecewise = (_ids(tok, left) if left else []) + _ids(tok, w) + (_ids(tok, right) if right else [])

@@ -1,4 +1,4 @@
-"""The `rapidnlp` command: prepare, pretrain, params, convert, ckpt.
+"""The `rapidnlp` command: prepare, pretrain, params, convert, ckpt, finetune, predict.
 
 User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -92,6 +92,7 @@ def _run_worker(config, resume: str | None) -> int:
         checkpointer = Checkpointer(
             config.train.run_dir, interval=c.interval, minutes=c.minutes, keep_last=c.keep_last,
             keep_every=c.keep_every, tokenizer=config.data.tokenizer, async_save=c.async_save,
+            drop_unknown_modules=c.drop_unknown_modules,
         ) if c.enabled else None
         if resume_path and checkpointer is None:
             raise UserError("--resume needs checkpoint.enabled = true")
@@ -193,6 +194,20 @@ def _ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from rapidnlp.finetune.cli import run_finetune
+
+    run_finetune(args)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from rapidnlp.finetune.cli import run_predict
+
+    run_predict(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidnlp", description="Distributed BERT-style pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ckpt", help="inspect checkpoints")
     p.add_argument("action", choices=["info"])
     p.add_argument("path", help="a checkpoint folder, or a run dir (its latest checkpoint)")
+
+    from rapidnlp.finetune.cli import add_finetune_arguments, add_predict_arguments
+
+    add_finetune_arguments(sub.add_parser("finetune", help="few-shot finetuning / distillation of a masked-LM folder"))
+    add_predict_arguments(sub.add_parser("predict", help="labels and class probabilities from a finetuned folder"))
     return parser
 
 
@@ -241,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        handlers = {"prepare": _prepare, "params": _params, "convert": _convert, "ckpt": _ckpt}
+        handlers = {"prepare": _prepare, "params": _params, "convert": _convert, "ckpt": _ckpt,
+                    "finetune": _finetune, "predict": _predict}
         return handlers[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

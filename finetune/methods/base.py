@@ -28,6 +28,13 @@ class Method(nn.Module):
     def logits(self, examples) -> torch.Tensor:
         raise NotImplementedError
 
+    def saved(self) -> "Method":
+        """The method a finetuned folder keeps (a distiller keeps its student)."""
+        return self
+
+    def before_epoch(self, examples) -> None:
+        """Called at the start of every training epoch (MetaKD's teacher refreshes its prototypes)."""
+
     def after_fit(self, examples) -> None:
         """Called once training ends, with the training examples (CP-Tuning keeps its centroids)."""
 
