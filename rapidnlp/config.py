@@ -112,6 +112,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every K-th step permanently
     enabled: bool = True  # false: no checkpoints at all (benchmarks)
     async_save: bool = False  # write shards in a background thread (a CPU copy of the state meanwhile)
+    drop_unknown_modules: bool = False  # loading: drop checkpoint tensors of modules this run lacks
 
 
 @dataclass

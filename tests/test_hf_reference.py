@@ -51,7 +51,7 @@ def hf_labels(batch) -> torch.Tensor:
 
 
 def ours_loss(model, batch) -> torch.Tensor:
-    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"])
+    logits = model.mlm_logits(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"])
     return mlm_loss_sum(logits, batch["mlm_labels"]) / (batch["mlm_labels"] != IGNORE_INDEX).sum()
 
 
@@ -124,7 +124,7 @@ def test_logits_at_masked_positions_match(pair, data):
     batch = data.collate(range(BATCH))
     assert (batch["attention_mask"] == 0).any()  # padding is present
     with torch.no_grad():
-        ours = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"])
+        ours = model.mlm_logits(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"])
         full = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   token_type_ids=batch["token_type_ids"]).logits
     theirs = torch.gather(full, 1, batch["mlm_positions"][..., None].expand(-1, -1, full.shape[-1]))

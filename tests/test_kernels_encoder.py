@@ -47,7 +47,7 @@ def train(model: BertForMLM, steps: int, fused_loss: bool) -> list[tuple[float, 
     for step in range(steps):
         b = batch(step)
         torch.manual_seed(100 + step)  # the same dropout seeds for both models
-        logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"], b["mlm_positions"])
+        logits = model.mlm_logits(b["input_ids"], b["token_type_ids"], b["attention_mask"], b["mlm_positions"])
         if fused_loss:
             loss = kernels.cross_entropy(logits, b["mlm_labels"], reduction="sum")
         else:

@@ -1,5 +1,4 @@
 """The C++ sample index against its NumPy reference and the core engine's packing."""
-import time
 
 import numpy as np
 import pytest
@@ -68,9 +67,9 @@ def test_edge_cases_and_bad_input():
         build_sample_index(lengths, np.array([0, 3, 2, 5]), 8)
 
 
-def test_a_million_documents_in_about_a_second():
+def test_a_million_documents():
+    """Results only: the build time is scripts/bench_data.py's (tests assert no timings)."""
     lengths, di = _random_corpus(np.random.default_rng(0), 1_000_000, max_sents=4)
-    start = time.perf_counter()
     idx = build_sample_index(lengths, di, 64, num_epochs=2, seed=3)
-    seconds = time.perf_counter() - start
-    assert len(idx) > 1_000_000 and seconds < 10, seconds
+    assert len(idx) > 1_000_000
+    assert (idx[:, 1] > idx[:, 0]).all() and idx.min() >= 0 and idx.max() <= len(lengths)

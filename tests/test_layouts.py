@@ -8,24 +8,15 @@ Each world size is launched once (real processes over gloo) and runs all its lay
 import numpy as np
 import pytest
 
-from conftest import REPO, launch_world
+from conftest import REPO, base_overrides, launch_world
 
 WORKER = str(REPO / "tests" / "train_worker.py")
 STEPS = 20
 OPTIMIZERS = ("adamw", "lamb")
-
-
-def base_overrides(run_dir) -> dict:
-    return {
-        "train.steps": STEPS, "train.global_batch": 8, "train.micro_batch": 2, "train.seed": 7,
-        "train.warmup_steps": 2, "train.lr": 2e-3, "train.precision": "fp32", "train.log_interval": 1000,
-        "train.run_dir": str(run_dir), "data.seq_len": 64, "model.max_position_embeddings": 64,
-        "checkpoint.enabled": False,  # the worker drives the Trainer without a Checkpointer
-    }
+REFERENCE = {"adamw": "single", "lamb": "single_lamb"}  # conftest's shared single-process runs
 
 
 LAYOUTS = {
-    1: {"single": {}, "single_again": {}, "single_bf16": {"train.precision": "bf16"}},
     2: {
         "tp2": {"parallel.tp": 2},
         "tp2_no_sp": {"parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False},
@@ -40,13 +31,14 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def curves(pd_dataset, tmp_path_factory):
-    results = {}
+def curves(pd_dataset, references, tmp_path_factory):
+    results = {f"single/{opt}": references[REFERENCE[opt]] for opt in OPTIMIZERS}
+    results.update({f"single_again/{opt}": references[REFERENCE[opt] + "_again"] for opt in OPTIMIZERS})
+    results["single_bf16/adamw"] = references["single_bf16"]
     for nproc, layouts in LAYOUTS.items():
         runs = [
             {"name": f"{name}/{opt}", "overrides": {**over, "train.optimizer": opt}}
             for name, over in layouts.items() for opt in OPTIMIZERS
-            if not (name == "single_bf16" and opt == "lamb")
         ]
         if nproc == 2:
             runs += [

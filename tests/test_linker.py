@@ -2,7 +2,6 @@
 import pickle
 import random
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -162,7 +161,8 @@ def test_invalid_text_raises_with_position():
 
 
 @pytest.mark.slow
-def test_a_million_aliases_build_in_seconds():
+def test_a_million_aliases():
+    """Results only: the build time is scripts/bench_data.py's (tests assert no timings)."""
     rng = np.random.default_rng(0)
     # 10^6 random 2-6 character CJK strings.
     n = 1_000_000
@@ -171,10 +171,7 @@ def test_a_million_aliases_build_in_seconds():
     blob = codes.astype("<u4").tobytes().decode("utf-32-le")
     ends = np.cumsum(lengths)
     aliases = [blob[e - k:e] for e, k in zip(ends.tolist(), lengths.tolist())]
-    start = time.perf_counter()
     linker = EntityLinker.build(aliases, np.arange(n))
-    seconds = time.perf_counter() - start
     assert linker.report.kept == n - linker.report.duplicates
-    assert seconds < 30, f"building 10^6 aliases took {seconds:.1f} s"
     text = "".join(aliases[:1000])
     assert len(linker.link(text)) >= 900

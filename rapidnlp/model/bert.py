@@ -260,6 +260,17 @@ class BertForMLM(nn.Module):
             if hasattr(piece.module, "init_weights"):
                 piece.module.init_weights(self)
 
+    def home_of(self, name: str) -> int | str:
+        """Where parameter `name` lives when the model is split into pipeline stages: a layer
+        index (with that block), "first" (with the embeddings) or "last" (with the final norm)."""
+        top = name.split(".")[0]
+        if top == "layers":
+            return int(name.split(".")[1])
+        if top in self.pieces:
+            piece = self.pieces[top]
+            return {"input": "first", "head": "last", "block": piece.layer}[piece.role]
+        return "first" if top == "embeddings" else "last"
+
     def stage_view(self, layer_ids: list[int], *, first: bool, last: bool) -> "BertForMLM":
         """A pipeline stage: the same submodules (shared, not copied) for the layers in
         `layer_ids`, the embeddings and input pieces if `first`, the final norm and heads if

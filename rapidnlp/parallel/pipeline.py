@@ -165,15 +165,9 @@ class Stages:
     # -- set-up ----------------------------------------------------------------------------
 
     def _stage_of(self, model: BertForMLM, name: str) -> int:
-        """The stage that holds parameter `name` of the full model."""
-        top = name.split(".")[0]
-        if top == "layers":
-            return self._layer_stage[int(name.split(".")[1])]
-        if top in model.pieces:
-            piece = model.pieces[top]
-            return {"input": 0, "head": self.num_stages - 1}.get(piece.role) if piece.role != "block" \
-                else self._layer_stage[piece.layer]
-        return 0 if top == "embeddings" else self.num_stages - 1
+        """The stage that holds parameter `name` of the full model (the model says where it lives)."""
+        home = model.home_of(name)
+        return {"first": 0, "last": self.num_stages - 1}[home] if isinstance(home, str) else self._layer_stage[home]
 
     def _tied_setup(self, model: BertForMLM) -> list[tuple]:
         """[(local copy or None, local original or None, group)] for each tied pair whose ends sit

@@ -121,15 +121,22 @@ def verify(path: str) -> dict:
     return meta
 
 
-def check_shapes(path: str, expected: dict[str, torch.Size], prefix: str = "model.") -> None:
-    """Compare the checkpoint's tensor shapes with the model's; list the first mismatches."""
-    metadata = read_metadata(path)
-    stored = {
-        k[len(prefix):]: v.size for k, v in metadata.state_dict_metadata.items()
+def stored_tensors(path: str, prefix: str = "model.") -> dict[str, torch.Size]:
+    """{name: shape} of the checkpoint's tensors under `prefix` (read from DCP's metadata)."""
+    return {
+        k[len(prefix):]: v.size for k, v in read_metadata(path).state_dict_metadata.items()
         if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
     }
+
+
+def check_shapes(path: str, expected: dict[str, torch.Size], prefix: str = "model.", optional=()) -> None:
+    """Compare the checkpoint's tensor shapes with the model's; list the first mismatches.
+    Tensors under an `optional` top-level module may be missing (they start from initialisation)."""
+    stored = stored_tensors(path, prefix)
     problems = []
     for name, shape in expected.items():
+        if name not in stored and name.split(".")[0] in optional:
+            continue
         if name not in stored:
             problems.append(f"{name} missing (model has {tuple(shape)})")
         elif tuple(stored[name]) != tuple(shape):
@@ -254,7 +261,8 @@ class Checkpointer:
     `keep_every`-th permanently), and loads them back into a Trainer."""
 
     def __init__(self, run_dir: str, *, interval: int = 0, minutes: float = 0.0, keep_last: int = 3,
-                 keep_every: int = 0, tokenizer: str | None = None, async_save: bool = False):
+                 keep_every: int = 0, tokenizer: str | None = None, async_save: bool = False,
+                 drop_unknown_modules: bool = False):
         self.run_dir = run_dir
         self.interval = interval
         self.minutes = minutes
@@ -262,6 +270,7 @@ class Checkpointer:
         self.keep_every = keep_every
         self.tokenizer = tokenizer
         self.async_save = async_save
+        self.drop_unknown_modules = drop_unknown_modules
         self._async_group = None
         self._pending = None  # (future, tmp folder, final folder, meta, step) of the save to finish
         self.last_save_time = time.monotonic()
@@ -339,6 +348,18 @@ class Checkpointer:
             self._prune(step)
         dist.barrier()
 
+    def _module_changes(self, path: str, trainer) -> list[str]:
+        """The objective modules this run adds to the checkpoint's model (loaded as initialised).
+        Tensors of modules this run lacks are refused in one line, unless
+        checkpoint.drop_unknown_modules says to drop them."""
+        stored = stored_tensors(path)
+        extra = sorted({k.split(".")[0] for k in stored if k not in trainer.model_names})
+        if extra and not self.drop_unknown_modules:
+            raise UserError(f"{path}: the checkpoint holds modules this run does not have: {', '.join(extra)} "
+                            "(an objective left out of [objectives]?); add the objective back, or set "
+                            "checkpoint.drop_unknown_modules = true to drop them")
+        return sorted({k.split(".")[0] for k in trainer.model_names if k not in stored} & set(trainer.piece_names))
+
     def _prune(self, current: int) -> None:
         root = checkpoints_root(self.run_dir)
         steps = sorted(
@@ -356,23 +377,30 @@ class Checkpointer:
         self.wait()
         rank = dist.get_rank()
         model_sd = model_state(trainer.model)
-        error = [None]
+        error, news = [None], [[]]
         if rank == 0:
             try:
                 verify(path)
-                check_shapes(path, {k: v.shape for k, v in model_sd.items() if isinstance(v, torch.Tensor)})
+                check_shapes(path, {k: v.shape for k, v in model_sd.items() if isinstance(v, torch.Tensor)},
+                             optional=trainer.piece_names)
+                news = [self._module_changes(path, trainer)]
             except UserError as e:
                 error = [str(e)]
         dist.broadcast_object_list(error, src=0)
         if error[0]:
             raise UserError(error[0])
+        dist.broadcast_object_list(news, src=0)
+        if news[0] and rank == 0:
+            print(f"{path}: new objective modules start from initialisation: {', '.join(news[0])}", flush=True)
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        state = {"model": model_sd}
+        new = set(news[0])
+        state = {"model": {k: v for k, v in model_sd.items() if k.split(".")[0] not in new}}
         if meta.get("kind") != "weights":  # imported (rapidnlp convert --from hf): a fresh run from these weights
-            state["optim"] = optimizer_state(trainer.model, trainer.optimizer, trainer.device)
+            optim = optimizer_state(trainer.model, trainer.optimizer, trainer.device)
+            state["optim"] = {k: v for k, v in optim.items() if k.split(".")[0] not in new}
         dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
-        _module(trainer.model).load_state_dict(state["model"])
+        _module(trainer.model).load_state_dict(state["model"], strict=False)
         if "optim" not in state:
             return meta
         _sync_tied_copies(trainer.model, trainer.optimizer)

@@ -115,6 +115,8 @@ class Trainer:
         seed_everything(t.seed)  # identical initial weights on every rank
         model = build_model(config, self.objectives)
         self.head_names = model.head_names
+        self.model_names = set(model.state_dict())  # the full model's, whatever this rank holds
+        self.piece_names = set(model.pieces)
         self.field_names = model.field_names
         self.flops_per_step = t.global_batch * training_flops_per_sequence(
             config.model, config.data.seq_len, model.pieces.values())
