@@ -168,10 +168,11 @@ def _pad(tok, rows, mpos, spos, types=None) -> Encoded:
 
 
 def encode_pairs(tok, firsts: list[str], seconds: list[str | None], max_len: int) -> Encoded:
-    """Plain [CLS] a [SEP] (b [SEP]) inputs with token types, for the [CLS]-head methods."""
-    enc = tok(firsts, [s or "" for s in seconds] if any(seconds) else None, truncation=True,
-              max_length=max_len, padding=True, return_tensors="pt")
+    """Plain [CLS] a [SEP] (b [SEP]) inputs with token types, for the [CLS]-head methods; an example
+    without a second text is encoded alone, as it would be in a batch of its own."""
+    rows = [tok(a, b, truncation=True, max_length=max_len) for a, b in zip(firsts, seconds)]
+    enc = tok.pad(rows, return_tensors="pt")
     types = enc.get("token_type_ids")
+    empty = torch.zeros((len(firsts), 0), dtype=torch.long)
     return Encoded(enc["input_ids"], enc["attention_mask"],
-                   types if types is not None else torch.zeros_like(enc["input_ids"]),
-                   torch.zeros((len(firsts), 0), dtype=torch.long), torch.zeros((len(firsts), 0), dtype=torch.long))
+                   types if types is not None else torch.zeros_like(enc["input_ids"]), empty, empty)

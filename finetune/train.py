@@ -71,6 +71,7 @@ def fit(method, train, dev=None, *, epochs: int = 20, batch_size: int = 8, lr: f
             epoch_loss.append(loss.item())
         curve.append(sum(epoch_loss) / len(epoch_loss))
         if dev:
+            method.eval()
             method.after_fit(train)
             acc = accuracy(method, dev)
             if acc > best:
@@ -80,6 +81,7 @@ def fit(method, train, dev=None, *, epochs: int = 20, batch_size: int = 8, lr: f
             log(f"epoch {epoch + 1}/{epochs}: loss {curve[-1]:.4f}")
     if best_state is not None:
         method.load_state_dict(best_state)
+    method.eval()
     method.after_fit(train)
     metrics = {"loss_curve": [round(x, 6) for x in curve], "epochs": epochs}
     if dev:
