@@ -109,6 +109,33 @@ def test_async_save_resumes_exactly(pd_dataset, reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_checkpoint_written_before_zero_alone_still_resumes(pd_dataset, reference, tmp_path):
+    """A checkpoint whose layout and config say parallel.dp_mode (before parallel.zero was the one
+    knob) loads, and at its own layout resumes bit for bit (its RNG states count)."""
+    import shutil
+
+    from rapidnlp.train.checkpoint import manifest
+
+    old = tmp_path / "old" / "step_4"
+    shutil.copytree(reference / "checkpoints" / "step_4", old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["layout"]["dp_mode"] = "fsdp"
+    config = json.loads((old / "config.json").read_text())
+    config["parallel"]["dp_mode"] = "fsdp"
+    config["parallel"]["pp_split"] = ""  # a string then
+    config.pop("objectives")
+    (old / "config.json").write_text(json.dumps(config))
+    meta["files"] = manifest(str(old))
+    (old / "meta.json").write_text(json.dumps(meta))
+    ok(run_cli("ckpt", "info", str(old)))
+    run_dir = tmp_path / "run"
+    ok(run_cli(*train_args(pd_dataset, run_dir), "--nproc", "2", "--resume", str(old)))
+    ref = losses(reference)
+    assert losses(run_dir) == {s: ref[s] for s in range(5, 9)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("nproc, layout", [
     ("1", []),                                  # dp=2 fsdp -> single process
     ("2", ["--parallel.zero", "0"]),          # fsdp -> ddp

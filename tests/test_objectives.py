@@ -74,7 +74,6 @@ def test_toy_objective_trains_and_totals_its_parts(curves):
         assert r["loss"] == pytest.approx(r["loss_mlm"] + 0.5 * r["loss_toy"], rel=1e-6)
     toy = _series(rows, "loss_toy")
     assert toy[-3:].mean() < toy[:3].mean() - 0.02, toy  # the segment head learns
-    assert rows[-1]["val_toy_accuracy"] > 0.55, rows[-1]
 
 
 def _args(data, run_dir, steps, *extra):

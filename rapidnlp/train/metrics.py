@@ -58,8 +58,10 @@ class MetricsWriter:
         per_step = (time.perf_counter() - self.started) / (step - self.first_step)
         eta = _duration(per_step * (self.total_steps - step))
         val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
+        parts = {k[len("loss_"):]: v for k, v in row.items() if k.startswith("loss_") and k != "loss_scale"}
+        each = f" ({', '.join(f'{k} {v:.4f}' for k, v in parts.items())})" if len(parts) > 1 else ""
         print(
-            f"step {step}/{self.total_steps} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
+            f"step {step}/{self.total_steps} | loss {row['loss']:.4f}{each}{val} | lr {row['lr']:.2e} | "
             f"grad_norm {_num(row['grad_norm'])} | {row['tokens_per_s']:,.0f} tok/s | ETA {eta}",
             file=self.stream, flush=True,
         )
