@@ -1,10 +1,12 @@
-"""The training loop: data -> model -> parallelize -> optimizer steps -> metrics.
+"""The training loop: data -> objectives -> model -> parallelize -> optimizer steps -> metrics.
 
-It runs inside an initialised process group (rapidnlp.distributed.bootstrap) and sees the model only
-after rapidnlp.parallel has made it parallel. One optimizer step consumes one global batch:
-this rank's share of it in micro-batches, gradients accumulated, the loss normalised by the
-masked-token count of the whole global batch (so the single process and every layout compute
-the same loss and gradients), then clipping on full norms, the LR schedule and the step.
+It runs inside an initialised process group (rapidnlp.distributed.bootstrap) and sees the model
+only after rapidnlp.parallel has made it parallel (`Stages`). One optimizer step consumes one
+global batch: this rank's share of it, collated with every objective's fields, run through
+`Stages.forward_backward` (a pipeline schedule or the stage itself) with the objectives' one loss
+function, each objective's loss normalised over the whole global batch (so the single process
+and every layout compute the same loss and gradients), then clipping on full norms, the LR
+schedule and the step. Evaluation is one forward-only path for every layout.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rapidnlp.config import Config, accumulation_steps, max_predictions
 from rapidnlp.data.indexed import IndexedDataset
-from rapidnlp.data.mlm import IGNORE_INDEX, MLMSampleBuilder, SpecialIds, build_sample_ranges
+from rapidnlp.data.mlm import MLMSampleBuilder, SpecialIds, build_sample_ranges
 from rapidnlp.data.sampler import GlobalBatchSampler
 from rapidnlp.data.tokenizer import Tokenizer
 from rapidnlp.distributed.mesh import ParallelDims
