@@ -119,8 +119,8 @@ def encode(tok, parts: list[str], examples, n_mask: int, max_len: int) -> Encode
     """[CLS] + the template with texts, n [MASK]s and {p} slots filled + [SEP], texts truncated
     (longest first) to fit max_len, right-padded."""
     texts = [e.text for e in examples]
-    text_ids = tok(texts, add_special_tokens=False)["input_ids"]
-    b_ids = tok([e.text_b or "" for e in examples], add_special_tokens=False)["input_ids"] \
+    text_ids = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]  # truncated below
+    b_ids = tok([e.text_b or "" for e in examples], add_special_tokens=False, verbose=False)["input_ids"] \
         if "{text_b}" in parts else [[] for _ in examples]
     literal = {p: _ids(tok, p) for p in parts if not p.startswith("{")}
     fixed = 2 + sum(len(literal[p]) for p in parts if p in literal) + n_mask + parts.count("{p}")
