@@ -33,9 +33,11 @@ class Objective:
     name = ""
     metric_names: tuple[str, ...] = ()  # the keys `metrics` returns
 
-    def __init__(self, config: Config, weight: float):
+    def __init__(self, config: Config, weight: float, data=None):
         self.config = config
         self.weight = weight
+        self.data = data  # the run's rapidnlp.train.trainer.Data (sizes, entity tokens), when given
+        self.progress = 0.0  # share of training done at the current step (set by the trainer)
 
     def collate(self, indices, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Extra batch fields for these samples ([batch, ...], fixed shape)."""
@@ -61,9 +63,9 @@ def objective_class(name: str) -> type[Objective]:
     return module.OBJECTIVE
 
 
-def build_objectives(config: Config) -> list[Objective]:
+def build_objectives(config: Config, data=None) -> list[Objective]:
     """The configured objectives, in config order (validated by rapidnlp.config)."""
-    return [objective_class(name)(config, weight) for name, weight in config.objectives.items()]
+    return [objective_class(name)(config, weight, data) for name, weight in config.objectives.items()]
 
 
 def build_model(config: Config, objectives: list[Objective]) -> BertForMLM:

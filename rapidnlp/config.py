@@ -116,12 +116,37 @@ class CheckpointConfig:
 
 
 @dataclass
+class KnowledgeConfig:
+    """Knowledge-injected samples (rapidnlp/data/knowledge/samples.py) and the knowledge objectives'
+    settings (rapidnlp/pretrain/mention.py, spo.py, fusion.py). Every cap is a static shape."""
+    enabled: bool = False  # samples from PREFIX.knowledge/: [CLS] sentence [SEP] s p o [SEP] ...
+    max_triples: int = 4  # linked positive triples packed per sample (and scored by spo)
+    triple_budget: int = 32  # tokens of the triple segment, [SEP]s included
+    max_mentions: int = 8  # linked mention slots per sample
+    negatives: int = 2  # spo: negatives per positive
+    corrupt_object_prob: float = 0.5  # spo: a negative corrupts the object (else: a random triple)
+    subgraph_nodes: int = 16  # fusion: sub-graph nodes per sample
+    subgraph_edges: int = 32  # fusion: sub-graph edges per sample
+    joint_mask: bool = True  # mask linked entities as wholes, in both segments at once with q_joint
+    q_joint: float = 0.5
+    fusion_layer: int = -1  # fusion runs after this block (0-based); -1: the middle block
+    gcn_layers: int = 2
+    margin: float = 0.2  # spo: hinge margin on cosine scores at the first step
+    margin_growth: float = 1.0  # spo: the margin grows linearly to margin x (1 + growth) at the last step
+    # Filled from the data at start (like model.vocab_size): the objectives' table sizes.
+    num_entities: int = 0
+    num_relations: int = 0
+    num_tags: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     # objective name (a module of rapidnlp.pretrain) -> loss weight, in training order
     objectives: dict = field(default_factory=lambda: {"mlm": 1.0})
 
@@ -324,6 +349,37 @@ def resolve_layout(config: Config, world_size: int) -> None:
     if p.pp > 1:
         _check_pipeline(config)
     _check_objectives(config)
+    _check_knowledge(config)
+
+
+KNOWLEDGE_OBJECTIVES = ("mention", "spo", "fusion")
+
+
+def fusion_layer(config: Config) -> int:
+    k = config.knowledge
+    return k.fusion_layer if k.fusion_layer >= 0 else max(0, config.model.num_layers // 2 - 1)
+
+
+def _check_knowledge(config: Config) -> None:
+    k, seq = config.knowledge, config.data.seq_len
+    needs = [name for name in config.objectives if name in KNOWLEDGE_OBJECTIVES]
+    if needs and not k.enabled:
+        raise UserError(f"objectives.{needs[0]} needs knowledge samples: set knowledge.enabled = true "
+                        "(and a dataset prepared with its PREFIX.knowledge/ folder)")
+    if not k.enabled:
+        return
+    for name in ("max_triples", "max_mentions", "negatives", "subgraph_nodes", "subgraph_edges", "gcn_layers"):
+        if getattr(k, name) < 1:
+            raise UserError(f"knowledge.{name} = {getattr(k, name)}: must be at least 1")
+    if not 4 <= k.triple_budget <= seq - 8:
+        raise UserError(f"knowledge.triple_budget = {k.triple_budget}: must be between 4 and data.seq_len - 8 "
+                        f"({seq - 8}); the sentence needs the rest of the sequence")
+    if not fusion_layer(config) < config.model.num_layers:
+        raise UserError(f"knowledge.fusion_layer = {k.fusion_layer} is beyond the model's depth "
+                        f"(model.num_layers = {config.model.num_layers}; blocks 0..{config.model.num_layers - 1})")
+    for name in ("q_joint", "corrupt_object_prob"):
+        if not 0.0 <= getattr(k, name) <= 1.0:
+            raise UserError(f"knowledge.{name} = {getattr(k, name)}: must be between 0 and 1")
 
 
 def _check_objectives(config: Config) -> None:

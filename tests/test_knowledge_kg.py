@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from rapidnlp.data.indexed import IndexedDataset
-from rapidnlp.data.knowledge.kg import KnowledgeGraph, write_triple_dataset
+from rapidnlp.data.knowledge.kg import KnowledgeGraph, surface_forms, write_triple_dataset
 from rapidnlp.data.tokenizer import Tokenizer
 from rapidnlp.errors import UserError
 
@@ -96,9 +96,20 @@ def test_csr_adjacency_matches_brute_force():
 
 
 def test_triple_tokens_as_indexed_dataset(tmp_path, pd_dataset):
+    """Entities by their surface forms (no disambiguation suffix), tokenized as a mention inside a
+    sentence is: the tokens of 朝阳区 in a triple are the tokens the side-stream gives the mention."""
+    from rapidnlp.data.knowledge.sidestreams import AlignedEncoder
+
     tok = Tokenizer(pd_dataset + ".model")
-    kg = KnowledgeGraph.from_records([("朝阳区", "位于", "北京市"), ("北京市", "位于", "中国")])
-    stats = write_triple_dataset(kg, tok, str(tmp_path / "triples"))
+    kg = KnowledgeGraph.from_records([("朝阳区@北京市", "位于", "北京市"), ("北京市", "位于", "中国")],
+                                     aliases=[("朝阳区@北京市", "朝阳区")])
+    assert surface_forms(kg) == ["朝阳区", "北京市", "中国"]
+    encoder = AlignedEncoder(tok)
+    stats = write_triple_dataset(kg, encoder.encode_surface, str(tmp_path / "triples"), tok.vocab_size)
     ds = IndexedDataset(str(tmp_path / "triples"))
     assert ds.num_documents == 2 and len(ds) == 6 and stats["tokens"] == ds.num_tokens
     assert [tok.decode(seq) for seq in ds.document(0)] == ["朝阳区", "位于", "北京市"]
+    sentence = "我们在朝阳区工作"
+    (ids, spans), = encoder.encode([sentence], [np.array([[3, 6]])])
+    a, b = spans[0]
+    assert ids[a:b] == ds.document(0)[0].tolist()

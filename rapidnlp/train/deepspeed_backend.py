@@ -122,6 +122,7 @@ class DeepSpeedTrainer(Trainer):
         lr = lr_at(self.step, t)
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
+        self._set_progress()
         batch = self._batch(self.data.train, self.sampler.next_step())
         norms = self._normalisers(batch)
         # DeepSpeed divides the loss by gradient_accumulation_steps and averages gradients over

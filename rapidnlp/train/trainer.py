@@ -25,6 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rapidnlp.config import Config, accumulation_steps, max_predictions
 from rapidnlp.data.indexed import IndexedDataset
+from rapidnlp.data.knowledge.build import knowledge_dir
+from rapidnlp.data.knowledge.kg import KnowledgeGraph
+from rapidnlp.data.knowledge.samples import KnowledgeSampleBuilder
 from rapidnlp.data.mlm import MLMSampleBuilder, SpecialIds, build_sample_ranges
 from rapidnlp.data.sampler import GlobalBatchSampler
 from rapidnlp.data.tokenizer import Tokenizer
@@ -58,29 +61,50 @@ class Data:
     train: MLMSampleBuilder
     val: MLMSampleBuilder | None
     special: SpecialIds
+    entity_tokens: IndexedDataset | None = None  # knowledge runs: each entity's surface-form tokens
 
 
 def load_data(config: Config) -> Data:
-    """Tokenizer + indexed dataset -> train/val MLM sample builders (val: the last samples)."""
-    d = config.data
+    """Tokenizer + indexed dataset -> train/val sample builders (val: the last samples): plain MLM
+    samples, or with knowledge.enabled the knowledge samples of PREFIX.knowledge/ (whose sizes fill
+    the knowledge.num_* fields, as the tokenizer fills model.vocab_size)."""
+    d, k = config.data, config.knowledge
     if not d.path:
         raise UserError("data.path is not set: point it at a dataset prefix written by `rapidnlp prepare`")
     tokenizer = Tokenizer(d.tokenizer)
-    dataset = IndexedDataset(d.path)
-    ranges = build_sample_ranges(dataset.sequence_lengths, dataset.document_indices, d.seq_len - 2)
-    if len(ranges) == 0:
-        raise UserError(f"{d.path}: the dataset holds no tokens")
-    n_val = int(len(ranges) * d.val_fraction) if config.train.eval_interval else 0
     special = SpecialIds(
         pad=tokenizer.pad_id, cls=tokenizer.cls_id, sep=tokenizer.sep_id, mask=tokenizer.mask_id,
         vocab_size=tokenizer.vocab_size,
     )
-    common = dict(
-        seq_len=d.seq_len, max_predictions=max_predictions(config), mask_prob=d.mask_prob, seed=config.train.seed,
-        word_starts=tokenizer.word_start_mask() if d.whole_word_mask else None,
-    )
-    train = MLMSampleBuilder(dataset, ranges[: len(ranges) - n_val], special, **common)
-    val = MLMSampleBuilder(dataset, ranges[len(ranges) - n_val :], special, **common) if n_val else None
+    common = dict(seq_len=d.seq_len, max_predictions=max_predictions(config), mask_prob=d.mask_prob,
+                  seed=config.train.seed)
+    entity_tokens = None
+    if k.enabled:
+        folder = knowledge_dir(d.path)
+        kg = KnowledgeGraph.load(os.path.join(folder, "kg.npz"))
+        dataset = IndexedDataset(os.path.join(folder, "tokens"))
+        max_tokens = d.seq_len - 2 - k.triple_budget
+
+        def builder(ranges):
+            return KnowledgeSampleBuilder(folder, kg, ranges, special, k, **common)
+
+        entity_tokens = IndexedDataset(os.path.join(folder, "entities"))
+        k.num_entities, k.num_relations = kg.num_entities, len(kg.predicate_names)
+        k.num_tags = 1 + 2 * len(kg.type_names)
+    else:
+        dataset = IndexedDataset(d.path)
+        max_tokens = d.seq_len - 2
+        word_starts = tokenizer.word_start_mask() if d.whole_word_mask else None
+
+        def builder(ranges):
+            return MLMSampleBuilder(dataset, ranges, special, word_starts=word_starts, **common)
+
+    ranges = build_sample_ranges(dataset.sequence_lengths, dataset.document_indices, max_tokens)
+    if len(ranges) == 0:
+        raise UserError(f"{d.path}: the dataset holds no tokens")
+    n_val = int(len(ranges) * d.val_fraction) if config.train.eval_interval else 0
+    train = builder(ranges[: len(ranges) - n_val])
+    val = builder(ranges[len(ranges) - n_val:]) if n_val else None
     if config.model.vocab_size == 0:
         config.model.vocab_size = tokenizer.vocab_size
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -88,7 +112,7 @@ def load_data(config: Config) -> Data:
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
             f"({tokenizer.vocab_size}, {d.tokenizer}); set it to 0 to follow the tokenizer"
         )
-    return Data(train=train, val=val, special=special)
+    return Data(train=train, val=val, special=special, entity_tokens=entity_tokens)
 
 
 def reduce_dp(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
@@ -113,7 +137,7 @@ class Trainer:
         self.device = dims.device
         self.data = data or load_data(config)
         t = config.train
-        self.objectives = build_objectives(config)
+        self.objectives = build_objectives(config, self.data)
         seed_everything(t.seed)  # identical initial weights on every rank
         model = build_model(config, self.objectives)
         self.head_names = model.head_names
@@ -194,6 +218,7 @@ class Trainer:
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self._set_progress()
         batch = self._batch(self.data.train, self.sampler.next_step())
         norms = self._normalisers(batch)
         sums = self._forward_backward(batch, norms)
@@ -212,6 +237,11 @@ class Trainer:
             self.scaler.update(overflow)
             row["skipped_steps"] = self.scaler.skipped_steps
         return row
+
+    def _set_progress(self) -> None:
+        """Tell the objectives how far training is (a growing margin reads it)."""
+        for o in self.objectives:
+            o.progress = self.step / max(1, self.config.train.steps - 1)
 
     def _losses(self, sums: torch.Tensor, norms: torch.Tensor, prefix: str = "") -> dict:
         """{prefix}loss (the weighted total) and {prefix}loss_<objective> for each objective."""

@@ -3,7 +3,9 @@
 PREFIX.knowledge/ (next to the text dataset PREFIX.{model,bin,idx} that `prepare` writes):
   kg.npz                    the knowledge graph (kg.py)
   linker.bin                the compiled alias automaton (linker.py)
-  triples.bin/.idx          each triple's s/p/o tokens (one document per triple)
+  triples.bin/.idx          each triple's s/p/o tokens (one document per triple; surface forms,
+                            tokenized as mentions are)
+  entities.bin/.idx         each entity's surface-form tokens (initialises its embedding row)
   tokens, tags, mentions    the mention-aligned token stream and its side-streams (sidestreams.py)
   report.json               ingestion, alias and linking counts (and, for the demo, place P/R)
 
@@ -18,9 +20,9 @@ import shutil
 import time
 from typing import Callable
 
-from rapidnlp.data.knowledge.kg import KnowledgeGraph, write_triple_dataset
+from rapidnlp.data.knowledge.kg import KnowledgeGraph, write_entity_dataset, write_triple_dataset
 from rapidnlp.data.knowledge.linker import EntityLinker
-from rapidnlp.data.knowledge.sidestreams import build_sidestreams
+from rapidnlp.data.knowledge.sidestreams import AlignedEncoder, build_sidestreams
 from rapidnlp.data.tokenizer import Tokenizer
 from rapidnlp.io import temp_name
 
@@ -44,7 +46,9 @@ def prepare_knowledge(corpus_path: str, prefix: str, kg: KnowledgeGraph, *, toke
         log(linker.report.summary())
         kg.save(os.path.join(tmp, "kg.npz"))
         linker.save(os.path.join(tmp, "linker.bin"))
-        triple_stats = write_triple_dataset(kg, tok, os.path.join(tmp, "triples"))
+        encode = AlignedEncoder(tok).encode_surface
+        triple_stats = write_triple_dataset(kg, encode, os.path.join(tmp, "triples"), tok.vocab_size)
+        write_entity_dataset(kg, encode, os.path.join(tmp, "entities"), tok.vocab_size)
         side = build_sidestreams(corpus_path, tmp, kg, linker, tok, workers=workers,
                                  max_triples=max_triples, strict_utf8=strict_utf8, log=log)
         report = {

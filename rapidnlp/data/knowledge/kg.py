@@ -15,14 +15,17 @@ entity/predicate/type names as UTF-8 blobs with offsets; triples int32 [T, 3] (s
 entity's type; a CSR over entities of their incident triples (as subject or object: the 1-hop
 sub-graph) and, per predicate, the distinct objects (to corrupt a triple's object).
 `write_triple_dataset` stores each triple's tokens as an indexed dataset: one document per triple,
-its three sequences the tokens of s, p and o.
+its three sequences the tokens of s, p and o (entities by their surface forms, `surface_forms`);
+`write_entity_dataset` each entity's tokens.
 
 This module knows nothing of linking (linker.py) nor of corpora (sidestreams.py).
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from typing import Callable
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -304,18 +307,46 @@ class KnowledgeGraph:
                 f"{self.num_triples} triples, {len(self.alias_text)} aliases)")
 
 
-def write_triple_dataset(kg: KnowledgeGraph, tokenizer, prefix: str) -> dict:
-    """Each triple's tokens as an indexed dataset: document t = [tokens(s), tokens(p), tokens(o)].
+def surface_forms(kg: KnowledgeGraph) -> list[str]:
+    """How each entity is written in text: its name, less a disambiguation suffix (`朝阳区@北京市`,
+    `word#PER`) when the part before it is one of the entity's aliases."""
+    aliases: dict[int, set[str]] = {}
+    for text, e in zip(kg.alias_text, kg.alias_entity.tolist()):
+        aliases.setdefault(e, set()).add(text)
+    out = []
+    for e, name in enumerate(kg.entity_names):
+        head = re.split(r"[@#]", name, maxsplit=1)[0]
+        out.append(head if head != name and head in aliases.get(e, ()) else name)
+    return out
+
+
+def write_triple_dataset(kg: KnowledgeGraph, encode: Callable[[list[str]], list[list[int]]], prefix: str,
+                         vocab_size: int) -> dict:
+    """Each triple's tokens as an indexed dataset: document t = [tokens(s), tokens(p), tokens(o)],
+    entities by their surface forms. `encode` must tokenize as the mention encoder does (no
+    sentence-start '▁'), so an entity has the same tokens in a sentence and in a triple.
 
     A training sample can then append "s p o" text for its linked triples by triple id.
     """
     from rapidnlp.data.indexed import IndexedDatasetWriter, dtype_for_vocab
 
-    ent_ids = tokenizer.encode_batch(kg.entity_names)
-    pred_ids = tokenizer.encode_batch(kg.predicate_names)
+    ent_ids = encode(surface_forms(kg))
+    pred_ids = encode(kg.predicate_names)
     tokens = 0
-    with IndexedDatasetWriter(prefix, dtype_for_vocab(tokenizer.vocab_size)) as w:
+    with IndexedDatasetWriter(prefix, dtype_for_vocab(vocab_size)) as w:
         for s, p, o in kg.triples.tolist():
             w.add_document([ent_ids[s], pred_ids[p], ent_ids[o]])
             tokens += len(ent_ids[s]) + len(pred_ids[p]) + len(ent_ids[o])
     return {"triples": kg.num_triples, "tokens": tokens}
+
+
+def write_entity_dataset(kg: KnowledgeGraph, encode: Callable[[list[str]], list[list[int]]], prefix: str,
+                         vocab_size: int) -> dict:
+    """Each entity's surface-form tokens (one sequence per entity, encoded as `write_triple_dataset`
+    does): what initialises an entity's embedding row (the mean of its tokens' word embeddings)."""
+    from rapidnlp.data.indexed import IndexedDatasetWriter, dtype_for_vocab
+
+    ids = encode(surface_forms(kg))
+    with IndexedDatasetWriter(prefix, dtype_for_vocab(vocab_size)) as w:
+        w.add_document([seq or [0] for seq in ids])
+    return {"entities": kg.num_entities, "tokens": sum(len(x) for x in ids)}

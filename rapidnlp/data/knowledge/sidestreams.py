@@ -115,6 +115,11 @@ class AlignedEncoder:
         if self._plain.id_to_piece(self._lone_prefix) != _WORD_START:
             self._lone_prefix = -1
 
+    def encode_surface(self, texts: list[str]) -> list[list[int]]:
+        """Tokens of entity or predicate names as a mention inside a sentence gets them (no
+        sentence-start '▁')."""
+        return self._no_prefix.encode(texts) if texts else []
+
     def encode(self, sentences: list[str], spans: list[np.ndarray],
                num_threads: int = 1) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """For each sentence and its mention char spans [m, 2] (sorted, non-overlapping):
