@@ -78,11 +78,10 @@ def run_finetune(args, log=print) -> dict:
     options = _options(args)
     examples = read_examples(args.train)
     labels = label_set(examples)
-    if args.verbalizer and args.method in ("pet", "fuzzy-pet", "ptuning") or \
-            args.method == "selftrain" and args.verbalizer:
+    if args.verbalizer:  # the verbalizer's labels, in its order; a data label outside them is an error
         from rapidnlp.finetune.prompts import parse_verbalizer
 
-        labels = list(parse_verbalizer(args.verbalizer))  # the verbalizer's order; data labels checked below
+        labels = list(parse_verbalizer(args.verbalizer))
         examples = read_examples(args.train, labels)
     train = k_shot(examples, args.shots, args.seed) if args.shots else examples
     dev = read_examples(args.dev, labels) if args.dev else None

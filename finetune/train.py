@@ -101,8 +101,9 @@ def save(method, out: str, metrics: dict, extra_meta: dict | None = None) -> Non
     method.tok.save_pretrained(tmp)
     head = {k: v.detach().contiguous() for k, v in method.state_dict().items() if not k.startswith("lm.")}
     save_file(head, os.path.join(tmp, HEAD_FILE))
-    meta = {"method": method.options.get("method", method.name), "labels": method.labels, "options": method.options, "metrics": metrics,
-            **(extra_meta or {})}
+    meta = {"method": method.options.get("method", method.name), "labels": method.labels,
+            "template": method.options.get("template"), "verbalizer": method.options.get("verbalizer"),
+            "options": method.options, "metrics": metrics, **(extra_meta or {})}
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)
     if os.path.isdir(out):
