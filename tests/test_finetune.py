@@ -151,25 +151,32 @@ def test_predict_cls_equals_the_forward_by_hand(toy, tmp_path, capsys):
         assert row["label"] == ["neg", "pos"][int(probs.argmax())]
 
 
-def test_predict_fuzzy_pet_equals_the_mlm_forward_by_hand(toy, tmp_path, capsys):
+def test_predict_fuzzy_pet_with_multi_token_words_equals_the_mlm_forward_by_hand(toy, tmp_path, capsys):
+    """Words of 1, 2 and 3 tokens: the template is run once per length with that many [MASK]s; a
+    word scores the mean log-probability of its tokens; a label the sum of its words' exp-scores."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     out = tmp_path / "fpet"
-    finetune(toy["bert"], toy["train"], out, "fuzzy-pet", *METHOD_ARGS["fuzzy-pet"], epochs=2)
+    words = {"neg": ["差", "不满意"], "pos": ["好", "喜欢"]}
+    verbalizer = ",".join(f"{lab}:{'|'.join(ws)}" for lab, ws in words.items())
+    finetune(toy["bert"], toy["train"], out, "fuzzy-pet", "--verbalizer", verbalizer, "--template",
+             "{text}很{mask}。", epochs=2)
     data = write_jsonl(tmp_path / "in.jsonl", toy_rows(7, 5)[:13])
     rows = _predict(str(out), data, tmp_path / "pred.jsonl", capsys)
     model = AutoModelForMaskedLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    words = {"neg": ["差", "糟"], "pos": ["好", "棒"]}
     for row, ex in zip(rows, (json.loads(line) for line in open(data, encoding="utf-8"))):
-        enc = tok(ex["text"] + "很[MASK]。", return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**enc).logits[0]
-        at = (enc["input_ids"][0] == tok.mask_token_id).nonzero().item()
-        p = torch.softmax(logits[at], -1)
-        mass = {lab: sum(p[tok.convert_tokens_to_ids(w)].item() for w in ws) for lab, ws in words.items()}
-        total = sum(mass.values())
-        assert row["probs"]["neg"] == pytest.approx(mass["neg"] / total, abs=1e-5)
+        mass = {}
+        for lab, ws in words.items():
+            mass[lab] = 0.0
+            for w in ws:
+                enc = tok(ex["text"] + "很" + "[MASK]" * len(w) + "。", return_tensors="pt")
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(**enc).logits[0], -1)
+                at = (enc["input_ids"][0] == tok.mask_token_id).nonzero().flatten()
+                ids = tok.convert_tokens_to_ids(list(w))
+                mass[lab] += torch.exp(sum(logp[a, i] for a, i in zip(at, ids)) / len(w)).item()
+        assert row["probs"]["neg"] == pytest.approx(mass["neg"] / (mass["neg"] + mass["pos"]), abs=1e-5)
 
 
 def test_cptuning_predicts_by_nearest_centroid_and_knn(toy, tmp_path, capsys):
