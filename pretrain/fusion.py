@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import RowwiseParallel
 
 from rapidnlp.config import fusion_layer
@@ -77,13 +77,8 @@ class GatedGCNFusion(nn.Module):
         self.gate = nn.Linear(2 * hidden, hidden)
         self._entity_tokens = entity_tokens  # read once by init_weights, not a parameter
 
-    @torch.no_grad()
     def init_weights(self, model) -> None:
-        """Entity rows = mean of the word-embedding rows of the entity's surface-form tokens."""
-        if self._entity_tokens is None:
-            return
-        self.entities.weight.copy_(entity_rows_from_words(model.embeddings.word_embeddings.weight,
-                                                          self._entity_tokens, self.entities.num_embeddings))
+        init_entity_table(self.entities, model, self._entity_tokens)
 
     def node_states(self, x: torch.Tensor, fields: dict) -> torch.Tensor:
         """The sub-graph node vectors after the GCN [b, N, h] (zero for padding nodes)."""
@@ -113,6 +108,26 @@ class GatedGCNFusion(nn.Module):
         ue = torch.gather(u, 1, token_node.clamp(min=0)[..., None].expand(-1, -1, u.shape[-1])) * mentioned
         gate = torch.sigmoid(self.gate(torch.cat([x, ue], -1)))
         return x + mentioned * gate * self.up(ue)
+
+
+@torch.no_grad()
+def init_entity_table(table: nn.Embedding, model, entity_tokens) -> None:
+    """Entity rows = the mean of the word-embedding rows of each entity's surface-form tokens: at
+    model init, and again when a knowledge run starts from a plain-MLM checkpoint (its table
+    is new; the word embedding is the loaded one). Works on sharded tables and embeddings
+    (DTensors: the word embedding is gathered, the rows redistributed); a pipeline stage without
+    the word embedding keeps its initialisation."""
+    embeddings = getattr(model, "embeddings", None)
+    if entity_tokens is None or embeddings is None:
+        return
+    word = embeddings.word_embeddings.weight
+    rows = entity_rows_from_words(word.full_tensor() if isinstance(word, DTensor) else word,
+                                  entity_tokens, table.num_embeddings)
+    weight = table.weight
+    if isinstance(weight, DTensor):
+        weight.to_local().copy_(distribute_tensor(rows.to(weight.dtype), weight.device_mesh, weight.placements).to_local())
+    else:
+        weight.copy_(rows)
 
 
 def entity_rows_from_words(word_weight: torch.Tensor, entity_tokens, num_entities: int) -> torch.Tensor:

@@ -52,6 +52,10 @@ def _check_inputs(config) -> None:
     for path in (d.path + ".bin", d.path + ".idx", d.tokenizer):
         if not os.path.isfile(path):
             raise UserError(f"{path}: not found (data.path = '{d.path}'); run `rapidnlp prepare` first")
+    if config.knowledge.enabled:
+        from rapidnlp.data.knowledge.build import check_knowledge_folder
+
+        check_knowledge_folder(d.path)
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -102,6 +102,18 @@ def pd_dataset(tmp_path_factory) -> str:
     return prefix
 
 
+@pytest.fixture(scope="session")
+def knowledge_dataset(pd_dataset) -> str:
+    """pd_dataset plus its PREFIX.knowledge/ folder (the demo knowledge graph: addressparser's
+    places and jieba's named entities, linked into the same 2,000 paragraphs). Returns the prefix."""
+    from rapidnlp.data.knowledge.build import prepare_knowledge
+    from rapidnlp.data.knowledge.demo import demo_knowledge_graph
+
+    prepare_knowledge(pd_dataset + ".txt", pd_dataset, demo_knowledge_graph(), tokenizer_path=pd_dataset + ".model",
+                      log=lambda *_: None)
+    return pd_dataset
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None):
     """Run `python -m rapidnlp.cli ARGS` as a user would; returns the CompletedProcess."""
     import subprocess

@@ -250,6 +250,16 @@ def _sync_tied_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
                 local.state[params[copy]][k].copy_(v)
 
 
+def _reinit_new_modules(model: torch.nn.Module, names: set[str]) -> None:
+    """New objective modules that initialise from the model's weights (an entity table from the
+    word embedding) do it again from the loaded weights. Collective: every rank calls it."""
+    whole = _module(model)
+    for name in sorted(names):
+        module = getattr(whole, name, None)
+        if module is not None and hasattr(module, "init_weights"):
+            module.init_weights(whole)
+
+
 def layout(trainer) -> dict:
     p = trainer.config.parallel
     return {"pp": p.pp, "dp": p.dp, "tp": p.tp, "zero": p.zero,
@@ -401,6 +411,7 @@ class Checkpointer:
             state["optim"] = {k: v for k, v in optim.items() if k.split(".")[0] not in new}
         dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         _module(trainer.model).load_state_dict(state["model"], strict=False)
+        _reinit_new_modules(trainer.model, new)
         if "optim" not in state:
             return meta
         _sync_tied_copies(trainer.model, trainer.optimizer)

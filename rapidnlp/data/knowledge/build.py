@@ -31,6 +31,32 @@ def knowledge_dir(prefix: str) -> str:
     return os.fspath(prefix) + ".knowledge"
 
 
+def check_knowledge_folder(prefix: str) -> None:
+    """What a knowledge run needs of PREFIX.knowledge/, checked before any process starts: every
+    file, and a knowledge graph that agrees with the side-streams (entity ids, triple count).
+    Raises UserError (one line)."""
+    import numpy as np
+
+    from rapidnlp.data.indexed import IndexedDataset
+    from rapidnlp.errors import UserError
+
+    folder = knowledge_dir(prefix)
+    for name in ("kg.npz", "mentions.npz", "tokens.idx", "tags.idx", "triples.idx", "entities.idx"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{os.path.join(folder, name)}: not found (knowledge.enabled = true needs the "
+                            f"knowledge folder); run `rapidnlp prepare --knowledge` (--demo or --kg) for {prefix}")
+    kg = KnowledgeGraph.load(os.path.join(folder, "kg.npz"))
+    with np.load(os.path.join(folder, "mentions.npz"), allow_pickle=False) as z:
+        mentions, triples = z["mentions"], z["triples"]
+    entities = len(IndexedDataset(os.path.join(folder, "entities")))
+    linked = int(mentions[:, 4].max()) + 1 if len(mentions) else 0
+    if entities != kg.num_entities or linked > kg.num_entities or len(IndexedDataset(os.path.join(folder, "triples"))) \
+            != 3 * kg.num_triples or (len(triples) and int(triples.max()) >= kg.num_triples):
+        raise UserError(f"{folder}: the knowledge graph ({kg.num_entities} entities, {kg.num_triples} triples) "
+                        f"does not match the side-streams ({entities} entity token rows, entity ids up to "
+                        f"{linked - 1}); rebuild the folder with `rapidnlp prepare --knowledge`")
+
+
 def prepare_knowledge(corpus_path: str, prefix: str, kg: KnowledgeGraph, *, tokenizer_path: str,
                       workers: int = 1, max_triples: int = 16, strict_utf8: bool = False,
                       evaluate_demo: bool = False, log: Callable[[str], None] = print) -> dict:

@@ -2,9 +2,10 @@
 
 A sample is `[CLS] sentence [SEP] s1 p1 o1 [SEP] s2 p2 o2 [SEP] ...`: the sentence from the
 mention-aligned token stream (PREFIX.knowledge/tokens, at most seq_len - 2 - triple_budget
-tokens), then as many of its linked positive triples as fit `knowledge.triple_budget` tokens
-(triples.bin: entities by their surface forms, tokenized as mentions are, so an entity has the
-same tokens in both segments), token type 0 for the sentence and 1 for the triples.
+tokens), then as many of its linked positive triples as fit `knowledge.triple_budget` tokens,
+token type 0 for the sentence and 1 for the triples. An entity the sentence mentions is written
+in the triples with that mention's tokens, so it has the same tokens in both segments; others
+by their surface form (triples.bin: no disambiguation suffix, tokenized as mentions are).
 
 Masking (knowledge.joint_mask): linked entities of the sentence are masked as wholes, up to half
 of the masked-slot budget: with probability q_joint an entity that also appears in a packed
@@ -61,11 +62,17 @@ class KnowledgeSampleBuilder:
         ids = np.full(S, sp.pad, dtype=np.int64)
         ids[0], ids[1:n + 1], ids[n + 1] = sp.cls, body, sp.sep
         types = np.zeros(S, dtype=np.int64)
-        # The triple segment: whole triples while they fit the budget.
+        # The triple segment: whole triples while they fit the budget. An entity the sentence
+        # mentions is written with that mention's tokens (the same tokens in both segments);
+        # others with their surface form's (triples.bin).
+        mentioned = {}
+        for a, b, e in side["mention_spans"].tolist():
+            mentioned.setdefault(e, ids[a:b].copy())
         pos, limit = n + 2, n + 2 + cfg.triple_budget
         triple_spans, packed, predicate_tokens = [], [], []
         for i, (t, (s, p, o)) in enumerate(zip(side["positive_ids"].tolist(), side["positive_triples"].tolist())):
-            parts = [np.asarray(self.triple_tokens[3 * t + j], dtype=np.int64) for j in range(3)]
+            parts = [mentioned.get(e, np.asarray(self.triple_tokens[3 * t + j], dtype=np.int64))
+                     for j, e in enumerate((s, None, o))]
             need = sum(len(x) for x in parts) + 1
             if pos + need > limit:
                 break

@@ -1,0 +1,306 @@
+"""Knowledge-injected pretraining: the samples, the four objectives' mechanics, no leakage of a
+masked entity, bad input in one line, and every layout against the single process (all
+objectives together, and each alone at single and tp2 x pp2): each loss, the total, grad norm
+and validation metrics to rtol 1e-4 over 10 fp32 steps. The tiny model has 4 blocks; fusion runs
+after block 1, so under pp=2 (1f1b) fusion sits on stage 0 and the heads on stage 1 (the shared
+entity table is a tied pair across stages); interleaved and zbv put them on stages 1 and 3."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, base_overrides, launch_world, run_cli
+from rapidnlp.config import Config, apply, resolve_layout
+from rapidnlp.errors import UserError
+
+TRAIN = str(REPO / "tests" / "train_worker.py")
+DEEPSPEED = str(REPO / "tests" / "deepspeed_worker.py")
+STEPS = 10
+KNOWLEDGE = {"knowledge.enabled": True, "knowledge.triple_budget": 24}
+ALL = {"objectives.mention": 0.5, "objectives.spo": 0.5, "objectives.fusion": 1.0}
+ALONE = {name: {f"objectives.{name}": 1.0} for name in ("mention", "spo", "fusion")}
+ALONE["joint"] = {}  # the joint mask with MLM alone
+PP2 = {"parallel.pp": 2}
+TP2_PP2 = {**PP2, "parallel.tp": 2}
+
+
+def config_for(data: str, **fields) -> Config:
+    config = Config()
+    config.data.path, config.data.tokenizer = data, data + ".model"
+    for name, value in {**base_overrides("/tmp/unused"), "train.steps": STEPS, "train.eval_interval": 5,
+                        **KNOWLEDGE, **ALL, **fields}.items():
+        section, key = name.split(".")
+        apply(config, section, key, value, "test")
+    resolve_layout(config, 1)
+    return config
+
+
+@pytest.fixture(scope="module")
+def data(knowledge_dataset):
+    from rapidnlp.train.trainer import load_data
+
+    config = config_for(knowledge_dataset)
+    return config, load_data(config)
+
+
+def test_samples_have_fixed_shapes_and_are_deterministic(data):
+    config, d = data
+    k, seq = config.knowledge, config.data.seq_len
+    batch = d.train.collate(range(16))
+    assert batch["input_ids"].shape == (16, seq) and batch["graph_edges"].shape == (16, k.subgraph_edges, 3)
+    assert batch["spo_neg"].shape == (16, k.max_triples, k.negatives, 3)
+    assert batch["mention_spans"].shape == (16, k.max_mentions, 2)
+    again = d.train.collate(range(16))
+    assert all(torch.equal(batch[key], again[key]) for key in batch)
+    # the triple segment is token type 1 and lies inside the attention mask
+    assert ((batch["token_type_ids"] == 1) <= (batch["attention_mask"] == 1)).all()
+
+
+def test_an_entity_has_the_same_tokens_in_both_segments(data):
+    """A linked mention whose entity is in a packed triple: its tokens (unmasked) appear as they
+    are in the triple segment."""
+    _, d = data
+    found = 0
+    for index in range(300):
+        s = d.train.build(index)
+        ids = s["input_ids"].copy()
+        real = s["mlm_labels"] != -100
+        ids[s["mlm_positions"][real]] = s["mlm_labels"][real]
+        triple_text = ids[s["token_type_ids"] == 1].tolist()
+        in_triples = set(s["spo_pos"][:, [0, 2]].reshape(-1).tolist())
+        for (a, b), node in zip(s["mention_spans"].tolist(), s["mention_node"].tolist()):
+            if node >= 0 and int(s["graph_nodes"][node]) in in_triples:
+                mention = ids[a:b].tolist()
+                assert any(triple_text[i:i + len(mention)] == mention for i in range(len(triple_text))), index
+                found += 1
+    assert found > 20
+
+
+def test_joint_masking_masks_both_segments(knowledge_dataset):
+    """q_joint = 1: every entity masked as a whole that appears in a packed triple is masked in the
+    sentence and in the triple segment; q_joint = 0 never masks both."""
+    from rapidnlp.train.trainer import load_data
+
+    def both_sides(q: float) -> int:
+        config = config_for(knowledge_dataset, **{"knowledge.q_joint": q})
+        d = load_data(config)
+        count = 0
+        for index in range(300):
+            s = d.train.build(index)
+            masked = set(s["mlm_positions"][s["mlm_labels"] != -100].tolist())
+            sentence = {p for p in masked if s["token_type_ids"][p] == 0}
+            triples = {p for p in masked if s["token_type_ids"][p] == 1}
+            count += bool(sentence) and bool(triples) and bool(s["node_masked"].any())
+        return count
+
+    assert both_sides(1.0) > 10 and both_sides(1.0) > both_sides(0.0)
+
+
+def test_negatives_never_equal_positives(data):
+    _, d = data
+    batch = d.train.collate(range(64))
+    pos, neg = batch["spo_pos"], batch["spo_neg"]
+    same = (neg == pos[:, :, None, :]).all(-1) & (neg[..., 0] >= 0)
+    for b in range(pos.shape[0]):
+        positives = {tuple(row) for row in pos[b].tolist() if row[0] >= 0}
+        assert not any(tuple(row) in positives for row in neg[b].reshape(-1, 3).tolist() if row[0] >= 0)
+    assert not same.any() and (neg[..., 0] >= 0).sum() > 10
+
+
+def test_masked_entity_prediction_does_not_see_its_table_row(data):
+    """No leakage: changing the table row of an entity masked in the sample leaves every output of
+    that sample unchanged; changing an unmasked linked entity's row changes them (so the check bites)."""
+    from rapidnlp.pretrain.objective import build_model, build_objectives
+
+    config, d = data
+    torch.manual_seed(0)
+    model = build_model(config, build_objectives(config, d)).eval()
+    batch = d.train.collate(range(64))
+    b = next(i for i in range(64) if (batch["node_masked"][i] == 1).any() and
+             ((batch["node_masked"][i] == 0) & (batch["graph_nodes"][i] >= 0) & (batch["mention_node"][i] >= 0).any()).any())
+    sample = {k: v[b:b + 1] for k, v in batch.items()}
+    inputs = (sample["input_ids"], sample["attention_mask"], *(sample[k] for k in model.field_names))
+    table = model.knowledge_fusion.entities.weight
+    nodes, masked = sample["graph_nodes"][0], sample["node_masked"][0]
+    with torch.no_grad():
+        before = model(*inputs)[0]
+        hidden = masked.nonzero()[0, 0]
+        table[nodes[hidden]] += torch.randn(table.shape[1])
+        after = model(*inputs)[0]
+        assert torch.equal(before, after)
+        linked = set(sample["mention_node"][0][sample["mention_node"][0] >= 0].tolist())
+        visible = next(i for i in linked if masked[i] == 0)
+        table[nodes[visible]] += torch.randn(table.shape[1])
+        assert not torch.allclose(before, model(*inputs)[0])
+
+
+def test_entity_rows_start_from_their_word_embeddings(data):
+    from rapidnlp.pretrain.objective import build_model, build_objectives
+
+    config, d = data
+    model = build_model(config, build_objectives(config, d))
+    words, table = model.embeddings.word_embeddings.weight, model.knowledge_fusion.entities.weight
+    assert model.spo_head.entities.weight is table  # one parameter, shared with the SPO head
+    for e in (0, 100, 5000):
+        tokens = torch.as_tensor(d.entity_tokens[e].astype("int64"))
+        torch.testing.assert_close(table[e], words[tokens].mean(0))
+
+
+def test_span_f1_and_spo_hinge_by_hand():
+    from rapidnlp.pretrain.mention import spans
+    from rapidnlp.pretrain.spo import SPO
+
+    assert spans(torch.tensor([[0, 1, 2, 0, 3, 4, 4, 1]])) == {(0, 1, 3, 0), (0, 4, 7, 1), (0, 7, 8, 0)}
+    config = Config()
+    config.knowledge.margin, config.knowledge.margin_growth = 0.2, 1.0
+    spo = SPO(config, 1.0)
+    spo.progress = 0.5  # margin 0.3
+    scores = torch.tensor([[[0.5, 0.4, 0.9], [0.1, 0.0, 0.0]]])  # [b=1, T=2, 1 + K=2]
+    batch = {"spo_pos": torch.tensor([[[1, 0, 2], [-1, -1, -1]]]),
+             "spo_neg": torch.tensor([[[[1, 0, 3], [4, 1, 5]], [[-1, -1, -1], [-1, -1, -1]]]])}
+    # relu(0.3 - 0.5 + 0.4) + relu(0.3 - 0.5 + 0.9) = 0.2 + 0.7; the padded positive counts nothing
+    assert float(spo.loss_sum({"spo_head": scores}, batch)) == pytest.approx(0.9)
+    assert int(spo.normaliser(batch)) == 2
+    metrics = spo.metrics({"spo_head": scores}, batch)
+    assert [float(x) for x in metrics["rank_accuracy"]] == [0.0, 1.0]
+    assert float(metrics["mrr"][0]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"knowledge.enabled": False}, r"objectives.mention needs knowledge samples: set knowledge.enabled"),
+    ({"knowledge.subgraph_nodes": 0}, r"knowledge.subgraph_nodes = 0: must be at least 1"),
+    ({"knowledge.fusion_layer": 4}, r"knowledge.fusion_layer = 4 is beyond the model's depth"),
+    ({"knowledge.triple_budget": 200}, r"knowledge.triple_budget = 200: must be between 4 and data.seq_len - 8"),
+])
+def test_bad_knowledge_configs(fields, message):
+    with pytest.raises(UserError, match=message) as info:
+        config_for("/nowhere", **fields)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_knowledge_inputs_are_one_line_before_any_worker(pd_dataset, knowledge_dataset, tmp_path):
+    import shutil
+
+    args = ["pretrain", "--config", str(REPO / "configs" / "tiny.toml"), "--train.run_dir", str(tmp_path / "r"),
+            "--knowledge.enabled", "true", "--objectives.spo", "1", "--nproc", "2"]
+    bare = tmp_path / "bare"
+    for suffix in (".bin", ".idx", ".model"):
+        shutil.copy(pd_dataset + suffix, str(bare) + suffix)
+    res = run_cli(*args, "--data.path", str(bare))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "bare.knowledge/kg.npz: not found" in res.stderr and "rapidnlp prepare" in res.stderr
+
+    # a KG whose entity count disagrees with the side-streams
+    other = tmp_path / "other"
+    for suffix in (".bin", ".idx", ".model"):
+        shutil.copy(pd_dataset + suffix, str(other) + suffix)
+    shutil.copytree(knowledge_dataset + ".knowledge", str(other) + ".knowledge")
+    from rapidnlp.data.knowledge.kg import KnowledgeGraph
+
+    KnowledgeGraph.from_records([("甲", "位于", "乙")]).save(str(other) + ".knowledge/kg.npz")
+    res = run_cli(*args, "--data.path", str(other))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "entities" in res.stderr and "rebuild" in res.stderr
+
+
+# -- every layout against the single process ---------------------------------------------------
+
+WORLDS = {
+    1: {"single": ALL, **{f"single_{n}": over for n, over in ALONE.items()}},
+    2: {
+        "tp2": {**ALL, "parallel.tp": 2},
+        "tp2_no_sp": {**ALL, "parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False},
+        "pp2_1f1b": {**ALL, **PP2},
+        "pp2_interleaved": {**ALL, **PP2, "parallel.pp_schedule": "interleaved1f1b", "parallel.pp_virtual_stages": 2},
+        "pp2_zbv": {**ALL, **PP2, "parallel.pp_schedule": "zbv", "parallel.pp_virtual_stages": 2, "parallel.zero": 2},
+        **{f"dp2_zero{z}": {**ALL, "parallel.zero": z} for z in (0, 1, 2, 3)},
+    },
+    4: {f"tp2_pp2_{n}": {**over, **TP2_PP2} for n, over in ALONE.items()},
+    8: {"tp2_pp2_dp2": {**ALL, **TP2_PP2}},
+}
+REFERENCE = {name: "single" for world in (2, 8) for name in WORLDS[world]}
+REFERENCE.update({f"tp2_pp2_{n}": f"single_{n}" for n in ALONE})
+REFERENCE["deepspeed_zero2"] = "single"
+
+
+def base(run_dir) -> dict:
+    return {**base_overrides(run_dir), "train.steps": STEPS, "train.eval_interval": 5, **KNOWLEDGE}
+
+
+@pytest.fixture(scope="module")
+def curves(knowledge_dataset, tmp_path_factory):
+    results = {}
+    for world, layouts in WORLDS.items():
+        tmp = tmp_path_factory.mktemp(f"kn{world}")
+        runs = [{"name": name, "overrides": over} for name, over in layouts.items()]
+        results.update(launch_world(TRAIN, world, knowledge_dataset, base(tmp / "run"), runs, tmp))
+    tmp = tmp_path_factory.mktemp("knds")
+    ds = [{"name": "deepspeed_zero2", "overrides": {**ALL, "train.backend": "deepspeed", "parallel.zero": 2}}]
+    results.update({k: v["rows"] for k, v in launch_world(DEEPSPEED, 2, knowledge_dataset, base(tmp / "run"), ds, tmp).items()})
+    return results
+
+
+def _series(rows, key):
+    return np.array([r[key] for r in rows if key in r], dtype=np.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("layout", list(REFERENCE))
+def test_knowledge_layout_matches_single_process(curves, layout):
+    ref, got = curves[REFERENCE[layout]], curves[layout]
+    assert len(ref) == len(got) == STEPS
+    keys = [k for k in ref[-1] if k == "loss" or k.startswith(("loss_", "val_")) or k == "grad_norm"]
+    assert "loss_mlm" in keys
+    for key in keys:
+        want = _series(ref, key)
+        assert len(want) > 0, key
+        np.testing.assert_allclose(_series(got, key), want, rtol=1e-4, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_knowledge_objectives_learn(curves):
+    rows = curves["single"]
+    for key in ("loss_mention", "loss_spo"):
+        part = _series(rows, key)
+        assert part[-3:].mean() < part[:3].mean() - 0.05, (key, part)
+    assert {"val_mention_f1", "val_spo_rank_accuracy", "val_spo_mrr"} <= set(rows[-1])
+
+
+def _args(data, run_dir, steps, *extra):
+    return ["pretrain", "--config", str(REPO / "configs" / "tiny.toml"), "--data.path", data,
+            "--train.run_dir", str(run_dir), "--train.steps", str(steps), "--train.eval_interval", "0",
+            "--data.seq_len", "64", "--train.global_batch", "8", "--train.micro_batch", "2",
+            "--checkpoint.interval", "3", *extra]
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+KNOWLEDGE_ARGS = ["--knowledge.enabled", "true", "--knowledge.triple_budget", "24", "--objectives.mention", "0.5",
+                  "--objectives.spo", "0.5", "--objectives.fusion", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_knowledge_checkpoint_resumes_bit_exact_and_starts_from_plain_mlm(knowledge_dataset, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    pp = ["--parallel.pp", "2", "--nproc", "2"]
+    ok = lambda res: res.returncode == 0 or pytest.fail(res.stdout[-2000:] + res.stderr[-3000:])  # noqa: E731
+    ok(run_cli(*_args(knowledge_dataset, full, 6, *KNOWLEDGE_ARGS, *pp)))
+    ok(run_cli(*_args(knowledge_dataset, part, 3, *KNOWLEDGE_ARGS, *pp)))
+    ok(run_cli(*_args(knowledge_dataset, part, 6, *KNOWLEDGE_ARGS, *pp), "--resume", "auto"))
+    want, got = _losses(full), _losses(part)
+    assert all(got[s] == want[s] for s in (4, 5, 6)), (got, want)
+
+    plain, knowledge = tmp_path / "plain", tmp_path / "knowledge"
+    ok(run_cli(*_args(knowledge_dataset, plain, 3)))
+    res = run_cli(*_args(knowledge_dataset, knowledge, 5, *KNOWLEDGE_ARGS),
+                  "--resume", str(plain / "checkpoints" / "step_3"))
+    ok(res)
+    assert "new objective modules start from initialisation: knowledge_fusion, mention_head, spo_head" in res.stdout
+    assert sorted(_losses(knowledge)) == [4, 5]
