@@ -142,7 +142,7 @@ def _parse_layout(text: str) -> dict[str, int]:
 def _params(args: argparse.Namespace) -> int:
     from rapidnlp.config import load_config
     from rapidnlp.model.bert import count_parameters
-    from rapidnlp.train.memory import estimate_state_bytes
+    from rapidnlp.train.memory import estimate_state_bytes, meta_model
 
     if not args.config and not os.path.isdir(CONFIG_DIR):
         raise UserError(f"{CONFIG_DIR}: no configs folder here; give --config FILE")
@@ -151,7 +151,8 @@ def _params(args: argparse.Namespace) -> int:
     )
     layout = _parse_layout(args.layout) if args.layout else None
     configs = [(path, load_config(path)) for path in paths]  # bad files fail before any output
-    header = f"{'config':<14}{'layers':>7}{'hidden':>8}{'heads':>6}{'vocab':>8}{'total':>16}{'non-embedding':>16}"
+    header = (f"{'config':<18}{'layers':>7}{'hidden':>8}{'heads':>6}{'vocab':>8}{'total':>16}{'non-embedding':>16}"
+              f"{'objective modules':>19}")
     if layout:
         header += f"{'params MiB/rank':>17}{'grads MiB/rank':>16}{'optim MiB/rank':>16}"
     print(header)
@@ -159,12 +160,12 @@ def _params(args: argparse.Namespace) -> int:
         m = config.model
         if m.vocab_size == 0:
             m.vocab_size = args.vocab_size
-        counts = count_parameters(m)
+        counts = count_parameters(meta_model(config))
         name = os.path.splitext(os.path.basename(path))[0]
-        line = (f"{name:<14}{m.num_layers:>7}{m.hidden_size:>8}{m.num_heads:>6}{m.padded_vocab_size:>8}"
-                f"{counts['total']:>16,}{counts['non_embedding']:>16,}")
+        line = (f"{name:<18}{m.num_layers:>7}{m.hidden_size:>8}{m.num_heads:>6}{m.padded_vocab_size:>8}"
+                f"{counts['total']:>16,}{counts['non_embedding']:>16,}{counts['objective_modules']:>19,}")
         if layout:
-            est = estimate_state_bytes(m, **layout)
+            est = estimate_state_bytes(config, **layout)
             line += "".join(f"{est[k] / 2**20:>16,.1f}" for k in ("mem_params_bytes", "mem_grads_bytes",
                                                                  "mem_optimizer_bytes"))
         print(line)

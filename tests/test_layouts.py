@@ -108,17 +108,22 @@ def test_tp_layers_equal_dense_twin(curves, twin):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tp_shards_are_one_over_tp(curves):
+    from rapidnlp.config import Config, ModelConfig
     from rapidnlp.parallel.tensor_parallel import is_tp_sharded
+    from rapidnlp.pretrain.mlm import MLM
+
+    pieces = {p.name: p for p in MLM(Config(model=ModelConfig(vocab_size=1000)), 1.0).pieces()}
 
     res = curves["twin_sp"]
     local, full = res["local_shapes"], res["full_shapes"]
     for name, whole in full.items():
         shape = local.get(name, whole)  # plain (non-DTensor) parameters are whole
-        if is_tp_sharded(name):
+        if is_tp_sharded(name, pieces):
             dim = 1 if name.endswith(("attention.dense.weight", "mlp.fc2.weight")) else 0  # row- vs column-parallel
             assert shape[dim] * 2 == whole[dim] and [s for i, s in enumerate(shape) if i != dim] == \
                 [s for i, s in enumerate(whole) if i != dim], name
         else:  # replicated: norms under sequence parallelism, row-parallel biases, position embeddings
             assert shape == whole, name
-    assert is_tp_sharded("layers.0.mlp.fc1.weight") and is_tp_sharded("embeddings.word_embeddings.weight")
-    assert not is_tp_sharded("layers.0.mlp.fc2.bias") and not is_tp_sharded("final_norm.weight")
+    assert is_tp_sharded("layers.0.mlp.fc1.weight", pieces) and is_tp_sharded("embeddings.word_embeddings.weight", pieces)
+    assert not is_tp_sharded("layers.0.mlp.fc2.bias", pieces) and not is_tp_sharded("final_norm.weight", pieces)
+    assert is_tp_sharded("lm_head.decoder.weight", pieces) and not is_tp_sharded("lm_head.dense.weight", pieces)

@@ -46,13 +46,18 @@ class GlobalBatchSampler:
             pos += take
         return np.concatenate(out)
 
-    def next_step(self) -> list[np.ndarray]:
-        """This rank's micro-batches for the next optimizer step."""
-        batch = self.global_indices(self.consumed_samples, self.global_batch)
+    def step_at(self, position: int) -> list[np.ndarray]:
+        """This rank's micro-batches of the global batch that starts at stream position `position`."""
+        batch = self.global_indices(position, self.global_batch)
         per_rank = self.global_batch // self.dp_size
         mine = batch[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        self.consumed_samples += self.global_batch
         return [mine[i : i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
+
+    def next_step(self) -> list[np.ndarray]:
+        """This rank's micro-batches for the next optimizer step."""
+        step = self.step_at(self.consumed_samples)
+        self.consumed_samples += self.global_batch
+        return step
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed, "num_samples": self.num_samples}

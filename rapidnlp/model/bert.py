@@ -335,11 +335,12 @@ def _holds(model: nn.Module, name: str) -> bool:
     return True
 
 
-def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts of a model built on the meta device (no memory is allocated)."""
-    with torch.device("meta"):
-        model = BertForMLM(cfg)
+def count_parameters(model: BertForMLM) -> dict[str, int]:
+    """Parameter counts of a model (build it on the meta device: no memory is allocated).
+    `knowledge` counts the objectives' pieces other than the MLM head (entity tables and all)."""
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     embedding = sum(p.numel() for p in model.embeddings.parameters())
     blocks = sum(p.numel() for p in model.layers.parameters())
-    return {"total": total, "embedding": embedding, "blocks": blocks, "non_embedding": total - embedding}
+    pieces = {id(p) for name in model.pieces if name != "lm_head" for p in getattr(model, name).parameters()}
+    return {"total": total, "embedding": embedding, "blocks": blocks, "non_embedding": total - embedding,
+            "objective_modules": sum(p.numel() for p in model.parameters() if id(p) in pieces)}

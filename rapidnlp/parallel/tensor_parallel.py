@@ -107,14 +107,20 @@ def reduce_partial_grads(parameters) -> None:
             p.grad = g.redistribute(placements=placements)
 
 
-# Which parameters the plan above shards over tp (the rest are replicated): for memory estimates
-# made without a process group. tests/test_layouts.py checks real shard shapes against it.
+# Which encoder parameters the plan above shards over tp (the rest are replicated): for memory
+# estimates made without a process group. tests/test_layouts.py checks real shard shapes against it.
 _SHARDED = (
     "attention.query.", "attention.key.", "attention.value.", "mlp.fc1.",  # column-parallel: weight and bias
     "attention.dense.weight", "mlp.fc2.weight",  # row-parallel: weight only (the bias is added once)
-    "embeddings.word_embeddings.weight", "lm_head.decoder.",  # vocab-parallel
+    "embeddings.word_embeddings.weight",  # vocab-parallel
 )
 
 
-def is_tp_sharded(name: str) -> bool:
+def is_tp_sharded(name: str, pieces: dict) -> bool:
+    """Whether parameter `name` is sharded over tp: the encoder's plan above, or for an objective
+    piece (`pieces`: the model's) the submodules its own plan names (the MLM decoder, an entity table)."""
+    top, _, rest = name.partition(".")
+    if top in pieces:
+        plan = pieces[top].tp_plan(True, True) if pieces[top].tp_plan else {}
+        return any(rest.startswith(key + ".") for key in plan)
     return any(key in name for key in _SHARDED)

@@ -123,7 +123,7 @@ class DeepSpeedTrainer(Trainer):
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
         self._set_progress()
-        batch = self._batch(self.data.train, self.sampler.next_step())
+        batch, waited = self._next_batch()
         norms = self._normalisers(batch)
         # DeepSpeed divides the loss by gradient_accumulation_steps and averages gradients over
         # dp: scaling by both makes the gradient the global batch's weighted mean losses, as the
@@ -152,6 +152,7 @@ class DeepSpeedTrainer(Trainer):
             "mem_optimizer_bytes": optimizer_state_bytes(self.base_optimizer),
         }
         row = self._finish_step(sums, norms, lr, grad_norm, started, memory)
+        row["data_wait_s"] = waited
         if fp16:
             row["loss_scale"], row["skipped_steps"] = loss_scale, engine.skipped_steps
         return row

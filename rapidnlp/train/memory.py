@@ -94,22 +94,33 @@ class _Saved:
         self._counter._release(self._ptr)
 
 
-def estimate_state_bytes(model_cfg, *, tp: int = 1, dp: int = 1, zero: int = 0, hsdp_shard: int = 0,
+def meta_model(config):
+    """The whole model with its objectives' modules (entity tables too) on the meta device: no
+    memory. Knowledge table sizes come from the config's knowledge.num_* fields."""
+    from rapidnlp.pretrain.objective import build_model, build_objectives
+
+    with torch.device("meta"):
+        return build_model(config, build_objectives(config))
+
+
+def estimate_state_bytes(config, *, tp: int = 1, dp: int = 1, zero: int = 0, hsdp_shard: int = 0,
                          optimizer_slots: int = 2, bytes_per_value: int = 4) -> dict[str, int]:
     """Per-rank bytes of parameters, gradients and optimizer state held between steps, computed
-    from the model on the meta device and the TP plan (no process group, no memory).
+    from the model (a Config: with its objectives' modules; a ModelConfig: the plain masked LM)
+    on the meta device and the TP plans (no process group, no memory).
 
     Tied weights count once. AdamW and LAMB keep two fp32 slots per value. ZeRO divides by dp
     (by the shard group under HSDP): stage 1 the optimizer state, stage 2 also the gradients and,
     between steps, the parameters (FSDP2 reshards them after backward; stage 2 differs from 3 in
     keeping them whole from forward to the end of backward: + the full size at peak).
     """
-    from rapidnlp.model.bert import BertForMLM
+    from rapidnlp.config import Config, ModelConfig
     from rapidnlp.parallel.tensor_parallel import is_tp_sharded
 
-    with torch.device("meta"):
-        model = BertForMLM(model_cfg)
-    per_rank = sum(p.numel() / tp if is_tp_sharded(n) else p.numel() for n, p in model.named_parameters())
+    if isinstance(config, ModelConfig):
+        config = Config(model=config)
+    model = meta_model(config)
+    per_rank = sum(p.numel() / tp if is_tp_sharded(n, model.pieces) else p.numel() for n, p in model.named_parameters())
     shard = hsdp_shard or dp
     values = {
         "mem_params_bytes": per_rank / (shard if zero >= 2 else 1),

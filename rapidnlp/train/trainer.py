@@ -29,6 +29,7 @@ from rapidnlp.data.knowledge.build import knowledge_dir
 from rapidnlp.data.knowledge.kg import KnowledgeGraph
 from rapidnlp.data.knowledge.samples import KnowledgeSampleBuilder
 from rapidnlp.data.mlm import MLMSampleBuilder, SpecialIds, build_sample_ranges
+from rapidnlp.data.prefetch import Prefetcher
 from rapidnlp.data.sampler import GlobalBatchSampler
 from rapidnlp.data.tokenizer import Tokenizer
 from rapidnlp.distributed.mesh import ParallelDims
@@ -115,6 +116,10 @@ def load_data(config: Config) -> Data:
     return Data(train=train, val=val, special=special, entity_tokens=entity_tokens)
 
 
+def _flat(micro_batches) -> list[int]:
+    return [int(i) for micro in micro_batches for i in micro]
+
+
 def reduce_dp(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     if dims.dp_enabled:
         dist.all_reduce(t, group=dims.mesh["dp"].get_group())
@@ -153,6 +158,13 @@ class Trainer:
             len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=t.seed,
         )
+        # The next batches are collated in a background thread (its own copy of the sampler's
+        # order, so the main thread's sampler is only advanced as batches are consumed).
+        ahead = GlobalBatchSampler(len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
+                                   dp_rank=dims.dp_rank, dp_size=dims.dp, seed=t.seed)
+        self.prefetch = Prefetcher(lambda position: collate(self.data.train, self.objectives,
+                                                            _flat(ahead.step_at(position))),
+                                   stride=t.global_batch)
         self.step = 0
         self.stop_requested = False
         self.is_logger = dist.get_rank() == 0
@@ -176,8 +188,13 @@ class Trainer:
 
     def _batch(self, builder, micro_batches) -> dict[str, torch.Tensor]:
         """This rank's share of one global batch, micro-batches concatenated in order."""
-        indices = [i for micro in micro_batches for i in micro]
-        return {k: v.to(self.device) for k, v in collate(builder, self.objectives, indices).items()}
+        return {k: v.to(self.device) for k, v in collate(builder, self.objectives, _flat(micro_batches)).items()}
+
+    def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
+        """The next training batch (built ahead by the prefetcher) and the seconds waited for it."""
+        batch, waited = self.prefetch.get(self.sampler.consumed_samples)
+        self.sampler.consumed_samples += self.config.train.global_batch
+        return {k: v.to(self.device) for k, v in batch.items()}, waited
 
     def _inputs(self, batch) -> tuple[torch.Tensor, ...]:
         return (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in self.field_names))
@@ -219,7 +236,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._set_progress()
-        batch = self._batch(self.data.train, self.sampler.next_step())
+        batch, waited = self._next_batch()
         norms = self._normalisers(batch)
         sums = self._forward_backward(batch, norms)
         params = list(self.model.parameters())
@@ -232,6 +249,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         memory["mem_optimizer_bytes"] = optimizer_state_bytes(self.optimizer)
         row = self._finish_step(sums, norms, lr, grad_norm, started, memory)
+        row["data_wait_s"] = waited
         if self.scaler:
             row["loss_scale"] = self.scaler.scale  # the scale this step ran with
             self.scaler.update(overflow)
@@ -349,6 +367,7 @@ class Trainer:
         if checkpointer is not None:
             checkpointer.wait()  # an async save still writing
         self.metrics.close()
+        self.prefetch.close()
         return rows
 
 
