@@ -66,7 +66,7 @@ def test_readme_config_table_lists_every_field():
             else:
                 listed.add(f"{section}.{name}")
     config = Config()
-    fields = {f"{s}.{f.name}" for s in ("model", "parallel", "train", "data", "checkpoint")
+    fields = {f"{s}.{f.name}" for s in ("model", "parallel", "train", "data", "checkpoint", "knowledge")
               for f in dataclasses.fields(getattr(config, s))}
     assert fields - listed == set(), "missing from the README"
     assert {n for n in listed - fields if not n.startswith("objectives.")} == set(), "not in the config"
