@@ -112,7 +112,8 @@ class ObjectiveLoss:
         batch = {k: v[index] for k, v in self.batch.items()}
         sums = [plain(o.loss_sum(named, batch)) for o in self.objectives]
         self.records.append(torch.stack([s.detach().float() for s in sums]))
-        total = sum(o.weight * s / n for o, s, n in zip(self.objectives, sums, self.norms))
+        # A global batch without anything to count (no linked triple, say) adds nothing, not 0/0.
+        total = sum(o.weight * s / n.clamp(min=1) for o, s, n in zip(self.objectives, sums, self.norms))
         return total * self.scale
 
     def recorded(self, n: int, device) -> torch.Tensor:

@@ -304,3 +304,42 @@ def test_knowledge_checkpoint_resumes_bit_exact_and_starts_from_plain_mlm(knowle
     ok(res)
     assert "new objective modules start from initialisation: knowledge_fusion, mention_head, spo_head" in res.stdout
     assert sorted(_losses(knowledge)) == [4, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_knowledge_checkpoint_exports_the_encoder(knowledge_dataset, tmp_path):
+    """`convert --to hf` of a knowledge run: transformers' logits equal the native model's with
+    the fusion gate shut (the encoder alone); the knowledge modules go to
+    pretraining_modules.safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    from rapidnlp.convert.folders import read_native
+    from rapidnlp.pretrain.objective import build_model, build_objectives
+    from rapidnlp.train.trainer import load_data
+
+    run = tmp_path / "run"
+    res = run_cli(*_args(knowledge_dataset, run, 2, *KNOWLEDGE_ARGS, "--parallel.tp", "2", "--nproc", "2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "hf"
+    res = run_cli("convert", "--to", "hf", str(run / "checkpoints" / "step_2"), str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    extras = load_file(str(out / "pretraining_modules.safetensors"))
+    assert {k.split(".")[0] for k in extras} == {"knowledge_fusion", "mention_head", "spo_head"}
+
+    config, state, stored = read_native(str(run / "checkpoints" / "step_2"))
+    data = load_data(config)
+    model = build_model(config, build_objectives(config, data)).eval()
+    model.load_state_dict({**state, **stored})
+    with torch.no_grad():
+        model.knowledge_fusion.gate.bias.fill_(-1e9)  # the gate shut: sigmoid gives exactly 0
+        batch = data.train.collate(range(4))
+        inputs = (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in model.field_names))
+        mine = model(*inputs)[model.head_names.index("lm_head")]
+        hf = AutoModelForMaskedLM.from_pretrained(out).eval()
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"]).logits
+        theirs = torch.gather(theirs, 1, batch["mlm_positions"][..., None].expand(-1, -1, theirs.shape[-1]))
+    real = batch["mlm_labels"] != -100
+    assert (theirs - mine)[real].abs().max().item() <= 1e-4

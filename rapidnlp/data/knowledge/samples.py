@@ -23,6 +23,7 @@ Fields (every cap from the config: static shapes), besides the MLM ones:
   node_masked   [N]      1 where any mention of the node's entity is masked (either segment)
   spo_pos       [T, 3]   the packed positive triples (s, p, o) (-1 padding)
   spo_neg       [T, K, 3] their negatives; a negative equal to a positive is dropped (-1)
+  spo_spans     [T, 2, 2] token spans of each packed triple's subject and object (-1 padding)
 Everything is a pure function of (seed, sample index).
 """
 from __future__ import annotations
@@ -105,7 +106,7 @@ class KnowledgeSampleBuilder:
         out = {"input_ids": ids, "token_type_ids": types, "attention_mask": attention,
                "mlm_positions": mlm_positions, "mlm_labels": mlm_labels, "mention_tags": tags}
         out.update(self._graph(side, sentence_spans, masked_entities))
-        out.update(self._spo(side, packed))
+        out.update(self._spo(side, packed, triple_spans))
         return out
 
     def _mask_positions(self, rng, n, sentence_spans, triple_spans, predicate_tokens) -> np.ndarray:
@@ -174,10 +175,13 @@ class KnowledgeSampleBuilder:
         return {"mention_spans": spans, "mention_node": mention_node, "token_node": token_node,
                 "graph_nodes": graph_nodes, "graph_edges": graph_edges, "node_masked": node_masked}
 
-    def _spo(self, side, packed: list[int]) -> dict[str, np.ndarray]:
+    def _spo(self, side, packed: list[int], triple_spans: list[tuple]) -> dict[str, np.ndarray]:
         T, K = self.cfg.max_triples, self.cfg.negatives
         pos = np.full((T, 3), -1, np.int64)
         neg = np.full((T, K, 3), -1, np.int64)
+        spans = np.full((T, 2, 2), -1, np.int64)
+        if triple_spans:
+            spans[:len(packed)] = np.asarray([(a, b) for a, b, _ in triple_spans]).reshape(-1, 2, 2)
         positives = side["positive_triples"][packed]
         pos[:len(packed)] = positives
         known = {tuple(row) for row in positives.tolist()}
@@ -185,7 +189,7 @@ class KnowledgeSampleBuilder:
             for j, row in enumerate(side["negative_triples"][k].tolist()):
                 if tuple(row) not in known:
                     neg[i, j] = row
-        return {"spo_pos": pos, "spo_neg": neg}
+        return {"spo_pos": pos, "spo_neg": neg, "spo_spans": spans}
 
     def collate(self, indices) -> dict[str, torch.Tensor]:
         samples = [self.build(int(i)) for i in indices]
