@@ -1,4 +1,4 @@
-"""The `rapidnlp` command: prepare, pretrain, params, convert, ckpt, finetune, predict.
+"""The `rapidnlp` command: prepare, pretrain, params, convert, ckpt, knowledge, finetune, predict.
 
 User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -213,6 +213,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _knowledge(args: argparse.Namespace) -> int:
+    from rapidnlp.pretrain.denoise import denoise
+
+    denoise(args.checkpoint, args.data, args.output, threshold=args.threshold, cue_weight=args.cue_weight)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidnlp", description="Distributed BERT-style pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["info"])
     p.add_argument("path", help="a checkpoint folder, or a run dir (its latest checkpoint)")
 
+    p = sub.add_parser("knowledge", help="knowledge side-stream tools")
+    p.add_argument("action", choices=["denoise"], help="denoise: keep the (sentence, triple) pairs a trained SPO head believes")
+    p.add_argument("--checkpoint", required=True, help="a native checkpoint trained with the spo objective")
+    p.add_argument("--data", required=True, help="dataset prefix with PREFIX.knowledge/")
+    p.add_argument("--output", required=True, help="new prefix: writes OUTPUT.{bin,idx,model} and OUTPUT.knowledge/")
+    p.add_argument("--threshold", type=float, default=0.25, help="keep pairs scored at least this (cosine + cue)")
+    p.add_argument("--cue-weight", type=float, default=1.0, help="weight of the mentioned-endpoints cue")
+
     from rapidnlp.finetune.cli import add_finetune_arguments, add_predict_arguments
 
     add_finetune_arguments(sub.add_parser("finetune", help="few-shot finetuning / distillation of a masked-LM folder"))
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         handlers = {"prepare": _prepare, "params": _params, "convert": _convert, "ckpt": _ckpt,
-                    "finetune": _finetune, "predict": _predict}
+                    "finetune": _finetune, "predict": _predict, "knowledge": _knowledge}
         return handlers[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

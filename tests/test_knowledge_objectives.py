@@ -343,3 +343,38 @@ def test_knowledge_checkpoint_exports_the_encoder(knowledge_dataset, tmp_path):
         theirs = torch.gather(theirs, 1, batch["mlm_positions"][..., None].expand(-1, -1, theirs.shape[-1]))
     real = batch["mlm_labels"] != -100
     assert (theirs - mine)[real].abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_denoise_writes_a_filtered_side_stream_and_finds_planted_noise(knowledge_dataset, tmp_path):
+    """`rapidnlp knowledge denoise` keeps the pairs at or above the threshold and writes a knowledge
+    folder a run can train on; on planted random triples the cue-and-head score separates them."""
+    from rapidnlp.data.knowledge.kg import KnowledgeGraph
+    from rapidnlp.pretrain.denoise import filter_quality, load_scorer, plant_noise, score_pairs
+
+    run = tmp_path / "run"
+    res = run_cli(*_args(knowledge_dataset, run, 3, *KNOWLEDGE_ARGS))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = str(run / "checkpoints" / "step_3")
+    out = tmp_path / "clean"
+    res = run_cli("knowledge", "denoise", "--checkpoint", ckpt, "--data", knowledge_dataset,
+                  "--output", str(out), "--threshold", "0.6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = np.load(knowledge_dataset + ".knowledge/mentions.npz")
+    after = np.load(str(out) + ".knowledge/mentions.npz")
+    kept = int(res.stdout.split("kept ")[1].split(" ")[0])
+    assert 0 < kept < len(before["triples"]) and len(after["triples"]) == kept
+    assert after["triple_ptr"][-1] == kept and len(after["triple_ptr"]) == len(before["triple_ptr"])
+    res = run_cli("knowledge", "denoise", "--checkpoint", ckpt, "--data", knowledge_dataset, "--output", str(out))
+    assert res.returncode == 2 and "exists" in res.stderr  # nothing is overwritten
+    ok = run_cli(*_args(str(out), tmp_path / "again", 1, *KNOWLEDGE_ARGS))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+
+    config, data, model = load_scorer(ckpt)
+    kg = KnowledgeGraph.load(knowledge_dataset + ".knowledge/kg.npz")
+    noisy, planted = plant_noise(before["triple_ptr"], before["triples"], kg.num_triples, 0.3, seed=0)
+    scores = score_pairs(model, data.special, data.train.side.tokens, (before["triple_ptr"], noisy),
+                         (before["seq_ptr"], before["mentions"]), kg.triples, seq_len=64)
+    quality = filter_quality(scores >= 0.1, planted)
+    assert quality["precision"] > 0.8 and quality["recall"] > 0.8, quality
