@@ -140,7 +140,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-len", type=int, default=96, help="at most the pretraining sequence length")
-    p.add_argument("--no-twin", action="store_true", help="skip the random-init twin")
+    p.add_argument("--checkpoints", default="landing,twin",
+                   help="landing (the --model), twin (its random-init twin), or both; separate runs may split them")
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--kd-epochs", type=int, default=3)
     p.add_argument("--kd-lr", type=float, default=5e-4)
@@ -159,9 +160,9 @@ def main() -> None:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("fewshot", "all"):
-            checkpoints = {"landing": args.model}
-            if not args.no_twin:
-                checkpoints["twin"] = random_twin(args.model, os.path.join(tmp, "twin"))
+            checkpoints = {}
+            for name in args.checkpoints.split(","):
+                checkpoints[name] = args.model if name == "landing" else random_twin(args.model, os.path.join(tmp, name))
             res = fewshot_table(checkpoints, data, args)
             out["fewshot"] = {f"{c}/{m}": accs for (c, m), accs in res.items()}
             print(f"\n| method | {' | '.join(checkpoints)} |\n|---|" + "---|" * len(checkpoints))
