@@ -20,6 +20,7 @@ STEPS = 10
 KNOWLEDGE = {"knowledge.enabled": True, "knowledge.triple_budget": 24}
 ALL = {"objectives.mention": 0.5, "objectives.spo": 0.5, "objectives.fusion": 1.0}
 ALONE = {name: {f"objectives.{name}": 1.0} for name in ("mention", "spo", "fusion")}
+ALONE["spo"]["knowledge.margin_growth"] = 0.0  # a fixed margin: its loss must fall (a growing one need not)
 ALONE["joint"] = {}  # the joint mask with MLM alone
 PP2 = {"parallel.pp": 2}
 TP2_PP2 = {**PP2, "parallel.tp": 2}
@@ -262,11 +263,12 @@ def test_knowledge_layout_matches_single_process(curves, layout):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_knowledge_objectives_learn(curves):
-    rows = curves["single"]
-    for key in ("loss_mention", "loss_spo"):
-        part = _series(rows, key)
+    """The mention loss falls with everything on; the SPO hinge at a fixed margin falls alone (with
+    the default growing margin the hinge is a moving target)."""
+    for run, key in (("single", "loss_mention"), ("single_spo", "loss_spo")):
+        part = _series(curves[run], key)
         assert part[-3:].mean() < part[:3].mean() - 0.05, (key, part)
-    assert {"val_mention_f1", "val_spo_rank_accuracy", "val_spo_mrr"} <= set(rows[-1])
+    assert {"val_mention_f1", "val_spo_rank_accuracy", "val_spo_mrr"} <= set(curves["single"][-1])
 
 
 def _args(data, run_dir, steps, *extra):
@@ -303,6 +305,7 @@ def test_knowledge_checkpoint_resumes_bit_exact_and_starts_from_plain_mlm(knowle
                   "--resume", str(plain / "checkpoints" / "step_3"))
     ok(res)
     assert "new objective modules start from initialisation: knowledge_fusion, mention_head, spo_head" in res.stdout
+    assert "the data order starts from the beginning" in res.stdout  # knowledge samples are other samples
     assert sorted(_losses(knowledge)) == [4, 5]
 
 

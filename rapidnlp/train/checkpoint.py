@@ -250,6 +250,22 @@ def _sync_tied_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
                 local.state[params[copy]][k].copy_(v)
 
 
+def _load_sampler(trainer, state: dict, path: str, *, changed_objectives: bool) -> None:
+    """The data position of the checkpoint. A run that adds objectives may draw other samples (a
+    knowledge run starting from a plain-MLM checkpoint): then its data order starts from the
+    beginning, said in one line. Otherwise other samples mean another dataset: refused."""
+    if state["num_samples"] == trainer.sampler.num_samples and state["seed"] == trainer.sampler.seed:
+        trainer.sampler.load_state_dict(state)
+    elif changed_objectives:
+        if dist.get_rank() == 0:
+            print(f"{path}: the checkpoint's data stream had {state['num_samples']} samples, this run's has "
+                  f"{trainer.sampler.num_samples}: the data order starts from the beginning", flush=True)
+    else:
+        raise UserError(f"{path}: the checkpoint was trained on {state['num_samples']} samples with seed "
+                        f"{state['seed']}, this run has {trainer.sampler.num_samples} with seed "
+                        f"{trainer.sampler.seed}; resume with the same data.path, data.seq_len and train.seed")
+
+
 def _reinit_new_modules(model: torch.nn.Module, names: set[str]) -> None:
     """New objective modules that initialise from the model's weights (an entity table from the
     word embedding) do it again from the loaded weights. Collective: every rank calls it."""
@@ -416,7 +432,7 @@ class Checkpointer:
             return meta
         _sync_tied_copies(trainer.model, trainer.optimizer)
         trainer.step = meta["step"]
-        trainer.sampler.load_state_dict(meta["sampler"])
+        _load_sampler(trainer, meta["sampler"], path, changed_objectives=bool(new))
         if trainer.scaler and meta.get("loss_scaler"):
             trainer.scaler.load_state_dict(meta["loss_scaler"])
         rng_file = os.path.join(path, "rng", f"rank_{rank}.json")
