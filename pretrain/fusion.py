@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import RowwiseParallel
 
 from rapidnlp.config import fusion_layer
@@ -70,7 +70,8 @@ class GCNLayer(nn.Module):
 class GatedGCNFusion(nn.Module):
     def __init__(self, hidden: int, num_entities: int, num_relations: int, layers: int, entity_tokens=None):
         super().__init__()
-        self.entities = nn.Embedding(num_entities, hidden)
+        # Built on the meta device: it gets storage, shard by shard, once the model is sharded.
+        self.entities = nn.Embedding(num_entities, hidden, device="meta")
         self.mention = nn.Linear(hidden, hidden)
         self.gcn = nn.ModuleList(GCNLayer(hidden, num_relations) for _ in range(layers))
         self.up = nn.Linear(hidden, hidden)
@@ -118,25 +119,36 @@ def init_entity_table(table: nn.Embedding, model, entity_tokens) -> None:
     (DTensors: the word embedding is gathered, the rows redistributed); a pipeline stage without
     the word embedding keeps its initialisation."""
     embeddings = getattr(model, "embeddings", None)
-    if entity_tokens is None or embeddings is None:
-        return
-    word = embeddings.word_embeddings.weight
-    rows = entity_rows_from_words(word.full_tensor() if isinstance(word, DTensor) else word,
-                                  entity_tokens, table.num_embeddings)
     weight = table.weight
-    if isinstance(weight, DTensor):
-        weight.to_local().copy_(distribute_tensor(rows.to(weight.dtype), weight.device_mesh, weight.placements).to_local())
+    if entity_tokens is None or embeddings is None or weight.is_meta:
+        return  # a meta table is initialised when it is materialised (BertForMLM.materialize_pieces)
+    word = embeddings.word_embeddings.weight
+    word = word.full_tensor() if isinstance(word, DTensor) else word
+    if isinstance(weight, DTensor):  # only this rank's rows are computed: no rank holds the whole table
+        first, count = local_rows(weight)
+        weight.to_local().copy_(entity_rows_from_words(word, entity_tokens, first + count, first).to(weight.dtype))
     else:
-        weight.copy_(rows)
+        weight.copy_(entity_rows_from_words(word, entity_tokens, table.num_embeddings))
 
 
-def entity_rows_from_words(word_weight: torch.Tensor, entity_tokens, num_entities: int) -> torch.Tensor:
-    """[E, h]: each entity's mean word-embedding row over its tokens (an IndexedDataset, one
-    sequence per entity)."""
-    lengths = torch.as_tensor(entity_tokens.sequence_lengths[:num_entities].astype("int64"))
-    tokens = torch.cat([torch.as_tensor(entity_tokens[i].astype("int64")) for i in range(num_entities)])
-    owner = torch.repeat_interleave(torch.arange(num_entities), lengths)
-    rows = torch.zeros(num_entities, word_weight.shape[1], dtype=word_weight.dtype)
+def local_rows(weight: DTensor) -> tuple[int, int]:
+    """(first global row, row count) of this rank's shard of a row-sharded DTensor."""
+    # Private API (torch.distributed.tensor._utils); move to a public one when torch has it.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return offset[0], shape[0]
+
+
+def entity_rows_from_words(word_weight: torch.Tensor, entity_tokens, end: int, start: int = 0) -> torch.Tensor:
+    """[end - start, h]: entities start..end-1, each the mean word-embedding row over its tokens
+    (an IndexedDataset, one sequence per entity)."""
+    count = max(0, end - start)
+    lengths = torch.as_tensor(entity_tokens.sequence_lengths[start:end].astype("int64"))
+    tokens = torch.cat([torch.as_tensor(entity_tokens[i].astype("int64")) for i in range(start, end)] or
+                       [torch.zeros(0, dtype=torch.long)])
+    owner = torch.repeat_interleave(torch.arange(count), lengths)
+    rows = torch.zeros(count, word_weight.shape[1], dtype=word_weight.dtype)
     rows.index_add_(0, owner, word_weight.detach().cpu()[tokens])
     return (rows / lengths.clamp(min=1)[:, None].to(rows.dtype)).to(word_weight.device)
 

@@ -68,9 +68,14 @@ def build_objectives(config: Config, data=None) -> list[Objective]:
     return [objective_class(name)(config, weight, data) for name, weight in config.objectives.items()]
 
 
-def build_model(config: Config, objectives: list[Objective]) -> BertForMLM:
-    """The whole model with every objective's pieces (call after seeding: same weights everywhere)."""
-    return BertForMLM(config.model, [piece for o in objectives for piece in o.pieces()])
+def build_model(config: Config, objectives: list[Objective], *, materialize: bool = True) -> BertForMLM:
+    """The whole model with every objective's pieces (call after seeding: same weights everywhere).
+    Pieces may build large tables on the meta device; `materialize=False` leaves them there, for
+    the parallel layer to materialise shard by shard after sharding (rapidnlp.parallel.pipeline)."""
+    model = BertForMLM(config.model, [piece for o in objectives for piece in o.pieces()])
+    if materialize:
+        model.materialize_pieces(torch.device("cpu"))
+    return model
 
 
 def collate(builder, objectives: list[Objective], indices) -> dict[str, torch.Tensor]:

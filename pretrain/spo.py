@@ -28,13 +28,14 @@ class SPOHead(nn.Module):
     def __init__(self, hidden: int, num_entities: int, num_relations: int, entity_tokens=None):
         super().__init__()
         self.sentence = nn.Linear(hidden, hidden)
-        self.entities = nn.Embedding(num_entities, hidden)
+        self.entities = nn.Embedding(num_entities, hidden, device="meta")  # as fusion's: materialised when sharded
         self.relations = nn.Embedding(num_relations, hidden)
         self.triple = nn.Linear(3 * hidden, hidden)
         self._entity_tokens = entity_tokens  # read by init_weights, not a parameter
 
     def init_weights(self, model) -> None:
-        init_entity_table(self.entities, model, self._entity_tokens)  # replaced by the tie when fusion is on
+        # Also when tied to fusion's table: a copy on another pipeline stage starts equal to it.
+        init_entity_table(self.entities, model, self._entity_tokens)
 
     def forward(self, hidden, key_mask, fields):
         """Cosine scores [b, T, 1 + K]: the positive first, then its negatives (padding: any value)."""
@@ -56,7 +57,7 @@ class SPO(Objective):
         k, h = self.config.knowledge, self.config.model.hidden_size
         triples = k.max_triples * (1 + k.negatives)
         ties = {"entities.weight": "knowledge_fusion.entities.weight"} if "fusion" in self.config.objectives else {}
-        tokens = None if ties or self.data is None else self.data.entity_tokens
+        tokens = None if self.data is None else self.data.entity_tokens
         return [Piece("spo_head", "head", SPOHead(h, k.num_entities, k.num_relations, tokens), fields=("spo_pos", "spo_neg"),
                       ties=ties, tp_plan=entity_table_plan,
                       flops_per_sequence=dense_flops(h, h, 1) + dense_flops(3 * h, h, triples))]

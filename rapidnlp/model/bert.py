@@ -260,6 +260,25 @@ class BertForMLM(nn.Module):
             if hasattr(piece.module, "init_weights"):
                 piece.module.init_weights(self)
 
+    def materialize_pieces(self, device: torch.device, source: nn.Module | None = None) -> None:
+        """Pieces whose parameters were built on the meta device (an entity table too large for
+        one rank) get storage now, after sharding only their shards, and initialise themselves
+        from `source` (the whole model, for weights they derive from, e.g. the word embedding).
+        Every rank calls it (initialising may gather a sharded source)."""
+        waiting = []
+        for piece in self.pieces.values():
+            module = getattr(self, piece.name, None)
+            if module is not None and any(p.is_meta for p in module.parameters()):
+                waiting.append(module)
+        for module in waiting:
+            for sub in module.modules():
+                if any(p.is_meta for p in sub.parameters(recurse=False)):
+                    sub.to_empty(device=device, recurse=False)  # new Parameter objects:
+        self.tie_weights()  # so the ties are made again (FSDP re-reads its parameters at lazy init)
+        for module in waiting:
+            if hasattr(module, "init_weights"):
+                module.init_weights(source if source is not None else self)
+
     def home_of(self, name: str) -> int | str:
         """Where parameter `name` lives when the model is split into pipeline stages: a layer
         index (with that block), "first" (with the embeddings) or "last" (with the final norm)."""

@@ -17,7 +17,12 @@ from rapidnlp.parallel.data_parallel import apply_ddp, apply_fsdp
 from rapidnlp.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: BertForMLM, dims: ParallelDims, cfg: ParallelConfig, train: TrainConfig) -> nn.Module:
+def parallelize(model: BertForMLM, dims: ParallelDims, cfg: ParallelConfig, train: TrainConfig,
+                source: BertForMLM | None = None) -> nn.Module:
+    """TP, activation checkpointing, then dp. Pieces built on the meta device (entity tables) get
+    storage once they are sharded: after TP and FSDP, so a rank only ever holds its shard; before
+    DDP/replicate, which hold whole replicas anyway. `source`: the whole model they initialise from
+    (a pipeline stage's own model when None)."""
     if dims.tp_enabled:
         apply_tensor_parallel(
             model, dims.mesh["tp"], sequence_parallel=cfg.sequence_parallel, loss_parallel=cfg.loss_parallel
@@ -26,11 +31,15 @@ def parallelize(model: BertForMLM, dims: ParallelDims, cfg: ParallelConfig, trai
     if dims.dp_enabled or cfg.cpu_offload:
         reduce_dtype = torch.bfloat16 if train.grad_reduce_dtype == "bf16" else None  # None: the parameters' fp32
         if cfg.zero >= 2:
-            return apply_fsdp(model, dims.fsdp_mesh, reshard_after_forward=cfg.zero == 3, cpu_offload=cfg.cpu_offload,
-                              reduce_dtype=reduce_dtype)
+            sharded = apply_fsdp(model, dims.fsdp_mesh, reshard_after_forward=cfg.zero == 3,
+                                 cpu_offload=cfg.cpu_offload, reduce_dtype=reduce_dtype)
+            model.materialize_pieces(dims.device, source)
+            return sharded
+        model.materialize_pieces(dims.device, source)
         # Pipeline stages need the composable replicate too: DDP's reducer asserts under Interleaved1F1B.
         return apply_ddp(model, dims.mesh["dp"], has_dtensors=dims.tp_enabled or dims.pp_enabled,
                          reduce_dtype=reduce_dtype)
+    model.materialize_pieces(dims.device, source)
     return model
 
 

@@ -115,6 +115,11 @@ class PipelineModel(nn.Module):
         return self._tied
 
 
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """module.to(device), leaving meta tensors (tables materialised after sharding) where they are."""
+    return module._apply(lambda t: t if t.is_meta else t.to(device))
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The model under a classic DDP wrapper (the only wrapper that hides attributes)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
@@ -135,7 +140,7 @@ class Stages:
         self.tied = model.tied_parameters()
         if not self.pipelined:
             self.num_stages, self.stage_ids, self.placement, self.pp_rank = 1, [0], {0: 0}, 0
-            self.stages = [parallelize(model.to(device), dims, p, config.train)]
+            self.stages = [parallelize(to_device(model, device), dims, p, config.train)]
             self.model = self.stages[0]
             self._tied_pairs = []
             self._norm_params = list(self.model.parameters())
@@ -151,11 +156,13 @@ class Stages:
         self._layer_stage = {layer: s for s in range(self.num_stages) for layer in range(starts[s], starts[s] + counts[s])}
         self.stages = []
         for s in self.stage_ids:
-            view = model.stage_view(list(range(starts[s], starts[s] + counts[s])), first=s == 0,
-                                    last=s == self.num_stages - 1).to(device)
+            view = to_device(model.stage_view(list(range(starts[s], starts[s] + counts[s])), first=s == 0,
+                                              last=s == self.num_stages - 1), device)
             with warnings.catch_warnings():  # plans name modules that other stages hold
                 warnings.filterwarnings("ignore", message=r"Parallelize plan key .* could not be resolved")
-                self.stages.append(parallelize(view, dims, p, config.train))
+                # The stage's meta tables (entity tables) are initialised from the whole model's
+                # weights (this rank built all of them; other stages' embeddings included).
+                self.stages.append(parallelize(view, dims, p, config.train, source=model))
         self.model = PipelineModel(self.stages, self.tied)
         self._tied_pairs = self._tied_setup(model)
         skip = {id(copy) for copy, _, _ in self._tied_pairs if copy is not None}

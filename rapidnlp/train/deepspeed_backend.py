@@ -84,6 +84,7 @@ class DeepSpeedTrainer(Trainer):
             if not get_accelerator().is_fp16_supported():
                 raise UserError(f"fp16 (train.precision or train.deepspeed_config): DeepSpeed's "
                                 f"{get_accelerator().device_name()} accelerator does not support it here; use bf16 or fp32")
+        model.materialize_pieces(self.device)  # DeepSpeed partitions the whole model itself
         model = model.to(self.device)
         groups = param_groups(model, t.weight_decay)
         zero = self.ds_config.get("zero_optimization", {})

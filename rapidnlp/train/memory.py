@@ -100,7 +100,7 @@ def meta_model(config):
     from rapidnlp.pretrain.objective import build_model, build_objectives
 
     with torch.device("meta"):
-        return build_model(config, build_objectives(config))
+        return build_model(config, build_objectives(config), materialize=False)
 
 
 def estimate_state_bytes(config, *, tp: int = 1, dp: int = 1, zero: int = 0, hsdp_shard: int = 0,

@@ -144,7 +144,7 @@ class Trainer:
         t = config.train
         self.objectives = build_objectives(config, self.data)
         seed_everything(t.seed)  # identical initial weights on every rank
-        model = build_model(config, self.objectives)
+        model = build_model(config, self.objectives, materialize=False)  # tables materialised when sharded
         self.head_names = model.head_names
         self.model_names = set(model.state_dict())  # the full model's, whatever this rank holds
         self.piece_names = set(model.pieces)
