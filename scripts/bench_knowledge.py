@@ -215,8 +215,6 @@ def _triple_exact(model, batch, ids, special, run):
 
 
 def probe(args) -> dict:
-    import torch
-
     from rapidnlp.distributed.mesh import ParallelDims
     from rapidnlp.train.trainer import Trainer, load_data
 

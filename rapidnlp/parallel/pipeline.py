@@ -120,11 +120,6 @@ def to_device(module: nn.Module, device: torch.device) -> nn.Module:
     return module._apply(lambda t: t if t.is_meta else t.to(device))
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model under a classic DDP wrapper (the only wrapper that hides attributes)."""
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
 class Stages:
     """This rank's share of the model, and how one step's forward and backward run over it.
 
@@ -136,7 +131,6 @@ class Stages:
         self.config, self.dims, self.device = config, dims, device
         self.pipelined = dims.pp_enabled
         self.n_microbatches = accumulation_steps(config)
-        self.field_names = model.field_names
         self.tied = model.tied_parameters()
         if not self.pipelined:
             self.num_stages, self.stage_ids, self.placement, self.pp_rank = 1, [0], {0: 0}, 0
