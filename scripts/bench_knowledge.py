@@ -47,6 +47,11 @@ VARIANTS = {
 KNOWLEDGE = ["--knowledge.enabled", "true", "--knowledge.triple_budget", "32"]
 
 
+def _knowledge(args) -> list[str]:
+    """The knowledge options at the probe's sequence length (a quarter of it for the triples)."""
+    return ["--knowledge.enabled", "true", "--knowledge.triple_budget", str(max(8, args.seq_len // 4))]
+
+
 def _config(args, extra: list[str], objectives: dict, joint: bool, seed: int = 1234):
     from rapidnlp.config import load_config, resolve_layout
 
@@ -218,11 +223,14 @@ def probe(args) -> dict:
     from rapidnlp.distributed.mesh import ParallelDims
     from rapidnlp.train.trainer import Trainer, load_data
 
-    common = ["--data.seq_len", "128", "--train.global_batch", str(args.probe_batch), "--train.micro_batch",
+    common = ["--data.seq_len", str(args.seq_len), "--train.global_batch", str(args.probe_batch), "--train.micro_batch",
               str(args.probe_batch), "--train.steps", str(args.steps), "--train.eval_interval", "1000000",
-              "--train.lr", "2e-3", "--train.warmup_steps", "20", "--data.val_fraction", "0.05", *KNOWLEDGE]
+              "--train.lr", str(args.lr), "--train.warmup_steps", "20", "--data.val_fraction", "0.05",
+              *_knowledge(args)]
     results = {}
     for name, (objectives, joint) in VARIANTS.items():
+        if args.variants and name[1] not in args.variants:
+            continue
         for seed in range(args.seeds):
             config = _config(args, common, objectives, joint, seed=1000 + seed)
             trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open(os.devnull, "w"))
@@ -246,9 +254,9 @@ def denoise_bench(args) -> dict:
     from rapidnlp.pretrain.denoise import filter_quality, plant_noise, score_pairs
     from rapidnlp.train.trainer import Trainer
 
-    common = ["--data.seq_len", "128", "--train.global_batch", str(args.probe_batch), "--train.micro_batch",
+    common = ["--data.seq_len", str(args.seq_len), "--train.global_batch", str(args.probe_batch), "--train.micro_batch",
               str(args.probe_batch), "--train.steps", str(args.steps), "--train.eval_interval", "0",
-              "--train.lr", "2e-3", "--train.warmup_steps", "20", *KNOWLEDGE]
+              "--train.lr", str(args.lr), "--train.warmup_steps", "20", *_knowledge(args)]
     config = _config(args, common, VARIANTS["(f) all"][0], True)
     trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open(os.devnull, "w"))
     trainer.fit()
@@ -263,7 +271,7 @@ def denoise_bench(args) -> dict:
 
         def scores(head, cue):
             return score_pairs(model, trainer.data.special, trainer.data.train.side.tokens, (triple_ptr, noisy),
-                               (seq_ptr, mentions), kg.triples, seq_len=128, cue_weight=cue, head_weight=head)
+                               (seq_ptr, mentions), kg.triples, seq_len=args.seq_len, cue_weight=cue, head_weight=head)
 
         out["head + cue"].append(filter_quality(scores(1.0, 1.0) >= 0.25, planted))
         out["cue alone"].append(filter_quality(scores(0.0, 1.0) >= 0.25, planted))
@@ -300,6 +308,9 @@ def main() -> int:
     ap.add_argument("--speed-steps", type=int, default=6)
     ap.add_argument("--steps", type=int, default=300, help="probe: training steps per run")
     ap.add_argument("--probe-batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128, help="probe/denoise: sequence length")
+    ap.add_argument("--lr", type=float, default=2e-3, help="probe/denoise: peak learning rate")
+    ap.add_argument("--variants", default="", help="probe: a subset by letter, e.g. af (default: all six)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-dir", default=None)

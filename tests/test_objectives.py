@@ -10,11 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, TOY_SHORT, base_overrides, launch_world, run_cli
+from conftest import TOY_SHORT, base_overrides, launch_worlds, run_cli
+from conftest import series as _series
 from test_checkpoint import TINY, ok, one_error_line
 
-TRAIN = str(REPO / "tests" / "train_worker.py")
-DEEPSPEED = str(REPO / "tests" / "deepspeed_worker.py")
 STEPS = TOY_SHORT["train.steps"]
 PP2 = {"parallel.pp": 2}
 WORLDS = {
@@ -37,19 +36,9 @@ def base(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def curves(pd_dataset, references, tmp_path_factory):
-    results = {"single": references["single_toy"]}  # shared with test_pipeline (conftest)
-    for world, layouts in WORLDS.items():
-        tmp = tmp_path_factory.mktemp(f"obj{world}")
-        runs = [{"name": name, "overrides": over} for name, over in layouts.items()]
-        results.update(launch_world(TRAIN, world, pd_dataset, base(tmp / "run"), runs, tmp))
-    tmp = tmp_path_factory.mktemp("objds")
-    ds = [{"name": "deepspeed_zero2", "overrides": {"train.backend": "deepspeed", "parallel.zero": 2}}]
-    results.update({k: v["rows"] for k, v in launch_world(DEEPSPEED, 2, pd_dataset, base(tmp / "run"), ds, tmp).items()})
+    results = launch_worlds(WORLDS, pd_dataset, base, tmp_path_factory, deepspeed={})
+    results["single"] = references["single_toy"]  # shared with test_pipeline (conftest)
     return results
-
-
-def _series(rows, key):
-    return np.array([r[key] for r in rows if key in r], dtype=np.float64)
 
 
 @pytest.mark.slow
