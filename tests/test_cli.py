@@ -42,10 +42,12 @@ def test_pretrain_two_processes_writes_metrics(pd_dataset, tmp_path):
 def test_params_lists_every_config():
     res = run_cli("params")
     assert res.returncode == 0, res.stderr
-    names = [l.split()[0] for l in res.stdout.splitlines()[1:]]
-    assert names == ["1.5b", "300m", "base", "tiny"]
-    big = res.stdout.splitlines()[1].split()
-    assert 1.4e9 < int(big[5].replace(",", "")) < 1.6e9
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()[1:]}
+    assert list(rows) == ["1.5b", "1.5b_knowledge", "300m", "300m_knowledge", "base", "tiny"]
+    assert 1.4e9 < int(rows["1.5b"][5].replace(",", "")) < 1.6e9
+    assert int(rows["1.5b"][7].replace(",", "")) == 0  # no objective modules besides the MLM head
+    # a 10^7 x 1600 entity table, plus relation tables and heads
+    assert 1.6e10 < int(rows["1.5b_knowledge"][7].replace(",", "")) < 1.61e10
 
 
 def test_missing_corpus(tmp_path):
