@@ -19,6 +19,8 @@ rows of each entity's surface-form tokens. Its loss is the MLM loss it helps; it
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,7 +125,16 @@ def init_entity_table(table: nn.Embedding, model, entity_tokens) -> None:
     if entity_tokens is None or embeddings is None or weight.is_meta:
         return  # a meta table is initialised when it is materialised (BertForMLM.materialize_pieces)
     word = embeddings.word_embeddings.weight
-    word = word.full_tensor() if isinstance(word, DTensor) else word
+    if isinstance(word, DTensor):
+        # Once, at start: torch logs on every rank that gathering FSDP-over-TP shards takes two
+        # all-gathers; that is expected here.
+        log = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            word = word.full_tensor()
+        finally:
+            log.setLevel(level)
     if isinstance(weight, DTensor):  # only this rank's rows are computed: no rank holds the whole table
         first, count = local_rows(weight)
         weight.to_local().copy_(entity_rows_from_words(word, entity_tokens, first + count, first).to(weight.dtype))
