@@ -71,7 +71,7 @@ def build_objectives(config: Config, data=None) -> list[Objective]:
 def build_model(config: Config, objectives: list[Objective], *, materialize: bool = True) -> BertForMLM:
     """The whole model with every objective's pieces (call after seeding: same weights everywhere).
     Pieces may build large tables on the meta device; `materialize=False` leaves them there, for
-    the parallel layer to materialise shard by shard after sharding (rapidnlp.parallel.pipeline)."""
+    the parallel layer to materialise shard by shard after sharding (rapidnlp.parallel.parallelize)."""
     model = BertForMLM(config.model, [piece for o in objectives for piece in o.pieces()])
     if materialize:
         model.materialize_pieces(torch.device("cpu"))
