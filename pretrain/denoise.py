@@ -21,7 +21,6 @@ import shutil
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rapidnlp.errors import UserError
 
@@ -61,14 +60,11 @@ def score_pairs(model, special, tokens, seq_ptr_triples: tuple[np.ndarray, np.nd
             body = np.asarray(tokens[s], dtype=np.int64)[:seq_len - 2]
             ids[i, 0], ids[i, 1:len(body) + 1], ids[i, len(body) + 1] = special.cls, torch.from_numpy(body), special.sep
             mask[i, :len(body) + 2] = 1
-        hidden = model.encode(ids, torch.zeros_like(ids), mask)
-        sentence = F.normalize(head.sentence(hidden[:, 0]).float(), dim=-1)
+        sentence = head.sentence_vector(model.encode(ids, torch.zeros_like(ids), mask))
         for i, s in enumerate(chunk):
             ids_t = triples[triple_ptr[s]:triple_ptr[s + 1]]
             spo = torch.as_tensor(kg_triples[ids_t].astype(np.int64))
-            vectors = head.triple(torch.cat([head.entities(spo[:, 0]), head.relations(spo[:, 1]),
-                                             head.entities(spo[:, 2])], -1))
-            cos = (F.normalize(vectors.float(), dim=-1) * sentence[i]).sum(-1).numpy()
+            cos = (head.triple_vector(spo) * sentence[i]).sum(-1).numpy()
             linked = set(rows[seq_ptr[s]:seq_ptr[s + 1], 4].tolist())
             cue = np.array([(int(a) in linked) + (int(c) in linked) for a, _, c in kg_triples[ids_t]], dtype=np.float32)
             out[triple_ptr[s]:triple_ptr[s + 1]] = head_weight * cos + cue_weight * cue / 2

@@ -37,16 +37,22 @@ class SPOHead(nn.Module):
         # Also when tied to fusion's table: a copy on another pipeline stage starts equal to it.
         init_entity_table(self.entities, model, self._entity_tokens)
 
-    def forward(self, hidden, key_mask, fields):
-        """Cosine scores [b, T, 1 + K]: the positive first, then its negatives (padding: any value)."""
-        triples = torch.cat([fields["spo_pos"][:, :, None], fields["spo_neg"]], 2).clamp(min=0)
+    def sentence_vector(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unit sentence vectors [b, h] from the final hidden states' [CLS]."""
+        return F.normalize(self.sentence(hidden[:, 0]).float(), dim=-1)
+
+    def triple_vector(self, triples: torch.Tensor) -> torch.Tensor:
+        """Unit triple vectors [..., h] of (s, p, o) ids [..., 3] (no padding ids)."""
         s, p, o = triples.unbind(-1)
         # One lookup per table: the zero-bubble schedules' split backward cannot take a
         # parameter used twice in one stage.
         subject, obj = self.entities(torch.stack([s, o])).unbind(0)
-        vectors = self.triple(torch.cat([subject, self.relations(p), obj], -1))
-        sentence = F.normalize(self.sentence(hidden[:, 0]).float(), dim=-1)
-        return (F.normalize(vectors.float(), dim=-1) * sentence[:, None, None, :]).sum(-1)
+        return F.normalize(self.triple(torch.cat([subject, self.relations(p), obj], -1)).float(), dim=-1)
+
+    def forward(self, hidden, key_mask, fields):
+        """Cosine scores [b, T, 1 + K]: the positive first, then its negatives (padding: any value)."""
+        triples = torch.cat([fields["spo_pos"][:, :, None], fields["spo_neg"]], 2).clamp(min=0)
+        return (self.triple_vector(triples) * self.sentence_vector(hidden)[:, None, None, :]).sum(-1)
 
 
 class SPO(Objective):
