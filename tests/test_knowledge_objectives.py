@@ -4,7 +4,6 @@ objectives together, and each alone at single and tp2 x pp2): each loss, the tot
 and validation metrics to rtol 1e-4 over 10 fp32 steps. The tiny model has 4 blocks; fusion runs
 after block 1, so under pp=2 (1f1b) fusion sits on stage 0 and the heads on stage 1 (the shared
 entity table is a tied pair across stages); interleaved and zbv put them on stages 1 and 3."""
-import json
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from conftest import REPO, base_overrides, launch_worlds, run_cli
 from conftest import series as _series
+from test_checkpoint import losses, ok, train_args
 from rapidnlp.config import Config, apply, resolve_layout
 from rapidnlp.errors import UserError
 
@@ -259,15 +259,8 @@ def test_knowledge_objectives_learn(curves):
 
 
 def _args(data, run_dir, steps, *extra):
-    return ["pretrain", "--config", str(REPO / "configs" / "tiny.toml"), "--data.path", data,
-            "--train.run_dir", str(run_dir), "--train.steps", str(steps), "--train.eval_interval", "0",
-            "--data.seq_len", "64", "--train.global_batch", "8", "--train.micro_batch", "2",
-            "--checkpoint.interval", "3", *extra]
-
-
-def _losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    """test_checkpoint's CLI run (tiny, seq 64, batch 8), checkpoints every 3 steps."""
+    return train_args(data, run_dir, steps, "--checkpoint.interval", "3", *extra)
 
 
 KNOWLEDGE_ARGS = ["--knowledge.enabled", "true", "--knowledge.triple_budget", "24", "--objectives.mention", "0.5",
@@ -279,11 +272,10 @@ KNOWLEDGE_ARGS = ["--knowledge.enabled", "true", "--knowledge.triple_budget", "2
 def test_knowledge_checkpoint_resumes_bit_exact_and_starts_from_plain_mlm(knowledge_dataset, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     pp = ["--parallel.pp", "2", "--nproc", "2"]
-    ok = lambda res: res.returncode == 0 or pytest.fail(res.stdout[-2000:] + res.stderr[-3000:])  # noqa: E731
     ok(run_cli(*_args(knowledge_dataset, full, 6, *KNOWLEDGE_ARGS, *pp)))
     ok(run_cli(*_args(knowledge_dataset, part, 3, *KNOWLEDGE_ARGS, *pp)))
     ok(run_cli(*_args(knowledge_dataset, part, 6, *KNOWLEDGE_ARGS, *pp), "--resume", "auto"))
-    want, got = _losses(full), _losses(part)
+    want, got = losses(full), losses(part)
     assert all(got[s] == want[s] for s in (4, 5, 6)), (got, want)
 
     plain, knowledge = tmp_path / "plain", tmp_path / "knowledge"
@@ -293,7 +285,7 @@ def test_knowledge_checkpoint_resumes_bit_exact_and_starts_from_plain_mlm(knowle
     ok(res)
     assert "new objective modules start from initialisation: knowledge_fusion, mention_head, spo_head" in res.stdout
     assert "the data order starts from the beginning" in res.stdout  # knowledge samples are other samples
-    assert sorted(_losses(knowledge)) == [4, 5]
+    assert sorted(losses(knowledge)) == [4, 5]
 
 
 @pytest.mark.slow
@@ -358,8 +350,7 @@ def test_denoise_writes_a_filtered_side_stream_and_finds_planted_noise(knowledge
     assert after["triple_ptr"][-1] == kept and len(after["triple_ptr"]) == len(before["triple_ptr"])
     res = run_cli("knowledge", "denoise", "--checkpoint", ckpt, "--data", knowledge_dataset, "--output", str(out))
     assert res.returncode == 2 and "exists" in res.stderr  # nothing is overwritten
-    ok = run_cli(*_args(str(out), tmp_path / "again", 1, *KNOWLEDGE_ARGS))
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    ok(run_cli(*_args(str(out), tmp_path / "again", 1, *KNOWLEDGE_ARGS)))
 
     config, data, model = load_scorer(ckpt)
     kg = KnowledgeGraph.load(knowledge_dataset + ".knowledge/kg.npz")

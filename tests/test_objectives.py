@@ -12,7 +12,7 @@ import pytest
 
 from conftest import TOY_SHORT, base_overrides, launch_worlds, run_cli
 from conftest import series as _series
-from test_checkpoint import TINY, ok, one_error_line
+from test_checkpoint import ok, one_error_line, train_args
 
 STEPS = TOY_SHORT["train.steps"]
 PP2 = {"parallel.pp": 2}
@@ -66,9 +66,8 @@ def test_toy_objective_trains_and_totals_its_parts(curves):
 
 
 def _args(data, run_dir, steps, *extra):
-    return ["pretrain", "--config", TINY, "--data.path", data, "--train.run_dir", str(run_dir),
-            "--train.steps", str(steps), "--train.eval_interval", "0", "--data.seq_len", "64",
-            "--train.global_batch", "8", "--train.micro_batch", "2", "--checkpoint.interval", "3", *extra]
+    """test_checkpoint's CLI run (tiny, seq 64, batch 8), checkpoints every 3 steps."""
+    return train_args(data, run_dir, steps, "--checkpoint.interval", "3", *extra)
 
 
 def _losses(run_dir):
