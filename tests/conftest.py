@@ -101,6 +101,17 @@ def launch_worlds(worlds: dict[int, dict[str, dict]], data: str, base, tmp_path_
     return results
 
 
+def assert_curves_equal(got, ref, keys, steps: int, rtol: float = 1e-4) -> None:
+    """A layout's metric curves against the single process's: every key present, to rtol."""
+    import numpy as np
+
+    assert len(ref) == len(got) == steps
+    for key in keys:
+        want = series(ref, key)
+        assert len(want) > 0, key
+        np.testing.assert_allclose(series(got, key), want, rtol=rtol, atol=1e-7, err_msg=key)
+
+
 def series(rows, key):
     """A metric over the rows that have it, as floats."""
     import numpy as np

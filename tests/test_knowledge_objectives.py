@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, base_overrides, launch_worlds, run_cli
+from conftest import REPO, assert_curves_equal, base_overrides, launch_worlds, run_cli
 from conftest import series as _series
 from test_checkpoint import losses, ok, train_args
 from rapidnlp.config import Config, apply, resolve_layout
@@ -237,14 +237,10 @@ def curves(knowledge_dataset, tmp_path_factory):
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("layout", list(REFERENCE))
 def test_knowledge_layout_matches_single_process(curves, layout):
-    ref, got = curves[REFERENCE[layout]], curves[layout]
-    assert len(ref) == len(got) == STEPS
+    ref = curves[REFERENCE[layout]]
     keys = [k for k in ref[-1] if k == "loss" or k.startswith(("loss_", "val_")) or k == "grad_norm"]
     assert "loss_mlm" in keys
-    for key in keys:
-        want = _series(ref, key)
-        assert len(want) > 0, key
-        np.testing.assert_allclose(_series(got, key), want, rtol=1e-4, atol=1e-7, err_msg=key)
+    assert_curves_equal(curves[layout], ref, keys, STEPS)
 
 
 @pytest.mark.slow

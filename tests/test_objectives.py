@@ -7,10 +7,9 @@ objective on a pipeline; a plain-MLM checkpoint starts a toy run (its modules in
 line naming them); the reverse is refused in one line unless checkpoint.drop_unknown_modules."""
 import json
 
-import numpy as np
 import pytest
 
-from conftest import TOY_SHORT, base_overrides, launch_worlds, run_cli
+from conftest import TOY_SHORT, assert_curves_equal, base_overrides, launch_worlds, run_cli
 from conftest import series as _series
 from test_checkpoint import ok, one_error_line, train_args
 
@@ -45,14 +44,9 @@ def curves(pd_dataset, references, tmp_path_factory):
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_toy_objective_matches_single_process(curves, layout):
-    ref, got = curves["single"], curves[layout]
-    assert len(ref) == len(got) == STEPS
     keys = ["loss", "loss_mlm", "loss_toy", "grad_norm", "val_loss", "val_loss_mlm", "val_loss_toy",
             "val_mlm_accuracy", "val_toy_accuracy"]
-    for key in keys:
-        want = _series(ref, key)
-        assert len(want) > 0, key
-        np.testing.assert_allclose(_series(got, key), want, rtol=1e-4, atol=1e-7, err_msg=key)
+    assert_curves_equal(curves[layout], curves["single"], keys, STEPS)
 
 
 @pytest.mark.slow
