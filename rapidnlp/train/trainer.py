@@ -11,6 +11,7 @@ schedule and the step. Evaluation is one forward-only path for every layout.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import time
@@ -28,6 +29,7 @@ from rapidnlp.data.indexed import IndexedDataset
 from rapidnlp.data.knowledge.build import knowledge_dir
 from rapidnlp.data.knowledge.kg import KnowledgeGraph
 from rapidnlp.data.knowledge.samples import KnowledgeSampleBuilder
+from rapidnlp.data.knowledge.sidestreams import tag_names
 from rapidnlp.data.mlm import MLMSampleBuilder, SpecialIds, build_sample_ranges
 from rapidnlp.data.prefetch import Prefetcher
 from rapidnlp.data.sampler import GlobalBatchSampler
@@ -91,7 +93,7 @@ def load_data(config: Config) -> Data:
 
         entity_tokens = IndexedDataset(os.path.join(folder, "entities"))
         k.num_entities, k.num_relations = kg.num_entities, len(kg.predicate_names)
-        k.num_tags = 1 + 2 * len(kg.type_names)
+        k.num_tags = len(tag_names(kg))
     else:
         dataset = IndexedDataset(d.path)
         max_tokens = d.seq_len - 2
@@ -158,10 +160,10 @@ class Trainer:
             len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
             dp_rank=dims.dp_rank, dp_size=dims.dp, seed=t.seed,
         )
-        # The next batches are collated in a background thread (its own copy of the sampler's
-        # order, so the main thread's sampler is only advanced as batches are consumed).
-        ahead = GlobalBatchSampler(len(self.data.train), global_batch=t.global_batch, micro_batch=t.micro_batch,
-                                   dp_rank=dims.dp_rank, dp_size=dims.dp, seed=t.seed)
+        # The next batches are collated in a background thread, from its own copy of the sampler
+        # (step_at caches the epoch order), so the main thread's sampler only advances as batches
+        # are consumed.
+        ahead = copy.copy(self.sampler)
         self.prefetch = Prefetcher(lambda position: collate(self.data.train, self.objectives,
                                                             _flat(ahead.step_at(position))),
                                    stride=t.global_batch)
