@@ -13,7 +13,7 @@ into the mention tokens.
    against it.
 4. Each mention token takes h <- h + g * W_u u_e with the gate g = sigmoid(W_g [h; u_e]).
 
-The entity table is shared with the SPO head (rapidnlp/pretrain/spo.py), vocab-parallel under
+The entity table is shared with the SPO head (pretrain/spo.py), vocab-parallel under
 tensor parallelism like the word embedding, and initialised from the mean of the word-embedding
 rows of each entity's surface-form tokens. Its loss is the MLM loss it helps; it adds none itself.
 """

@@ -118,7 +118,7 @@ class CheckpointConfig:
 @dataclass
 class KnowledgeConfig:
     """Knowledge-injected samples (rapidnlp/data/knowledge/samples.py) and the knowledge objectives'
-    settings (rapidnlp/pretrain/mention.py, spo.py, fusion.py). Every cap is a static shape."""
+    settings (pretrain/mention.py, spo.py, fusion.py). Every cap is a static shape."""
     enabled: bool = False  # samples from PREFIX.knowledge/: [CLS] sentence [SEP] s p o [SEP] ...
     max_triples: int = 4  # linked positive triples packed per sample (and scored by spo)
     triple_budget: int = 32  # tokens of the triple segment, [SEP]s included
@@ -393,7 +393,7 @@ def _check_objectives(config: Config) -> None:
     for name, weight in config.objectives.items():
         if not name.isidentifier() or name in ("objective",) or \
                 importlib.util.find_spec(f"rapidnlp.pretrain.{name}") is None:
-            raise UserError(f"objectives.{name}: no such objective (a module rapidnlp/pretrain/{name}.py "
+            raise UserError(f"objectives.{name}: no such objective (a module pretrain/{name}.py "
                             "exporting OBJECTIVE)")
         if weight < 0:
             raise UserError(f"objectives.{name} = {weight}: a loss weight must be at least 0")

@@ -19,7 +19,7 @@ Attention reshapes with -1 heads so that column-parallel q/k/v (rapidnlp/paralle
 fewer heads; tied parameters (the embedding/decoder pair, and any a piece declares) are restored
 after sharding by `tie_weights()`.
 
-Objectives (rapidnlp/pretrain/) add `Piece`s: modules placed on the input side, after a block,
+Objectives (pretrain/) add `Piece`s: modules placed on the input side, after a block,
 or as heads on the final hidden states. The MLM head is the first such piece.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ class MLMHead(nn.Module):
 
 @dataclass
 class Piece:
-    """A module an objective adds to the model, placed by role (rapidnlp/pretrain/objective.py).
+    """A module an objective adds to the model, placed by role (pretrain/objective.py).
 
     role "input": `module(input_ids, key_mask, fields) -> [b, s, h]`, added to the embeddings;
     role "block": `module(hidden, key_mask, fields) -> hidden`, right after block `layer`;

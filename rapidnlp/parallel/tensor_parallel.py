@@ -6,7 +6,7 @@ for `loss_parallel` cross-entropy. With sequence parallelism the residual stream
 is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard, and the
 blocks all-gather before attention/MLP and reduce-scatter after them.
 
-The word embedding and the decoder (the MLM objective's plan, rapidnlp/pretrain/mlm.py) are one
+The word embedding and the decoder (the MLM objective's plan, pretrain/mlm.py) are one
 tied parameter, sharded the same way (Shard(0) over vocabulary rows) by both plans;
 `parallelize_module` replaces each module's parameter by its own DTensor, so the model restores
 its ties afterwards. The encoder's plan applies to whatever a pipeline stage holds (absent parts
