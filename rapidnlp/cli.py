@@ -76,9 +76,10 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _run_worker(config, resume: str | None) -> int:
     """One rank of a training run: process group, mesh, trainer. Never returns normally."""
-    from rapidnlp.distributed.bootstrap import init_distributed, shutdown
+    from rapidnlp.distributed.bootstrap import init_distributed, is_timeout, shutdown
 
-    env = init_distributed()
+    timeout = config.train.collective_timeout_s
+    env = init_distributed(timeout_s=timeout)
     code = 0
     try:
         from rapidnlp.distributed.mesh import ParallelDims
@@ -96,7 +97,7 @@ def _run_worker(config, resume: str | None) -> int:
         checkpointer = Checkpointer(
             config.train.run_dir, interval=c.interval, minutes=c.minutes, keep_last=c.keep_last,
             keep_every=c.keep_every, tokenizer=config.data.tokenizer, async_save=c.async_save,
-            drop_unknown_modules=c.drop_unknown_modules,
+            drop_unknown_modules=c.drop_unknown_modules, continue_on_error=c.continue_on_error,
         ) if c.enabled else None
         if resume_path and checkpointer is None:
             raise UserError("--resume needs checkpoint.enabled = true")
@@ -119,12 +120,18 @@ def _run_worker(config, resume: str | None) -> int:
             print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, "
                   f"config in {os.path.join(run_dir, 'config.json')}", flush=True)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if env.rank == 0 or not getattr(e, "on_every_rank", False):
+            print(f"error: {e}", file=sys.stderr)
         code = 2
-    except BaseException:
-        import traceback
+    except BaseException as e:
+        if is_timeout(e):  # a peer that stopped answering: one line before the launcher's report
+            print(f"error: rank {env.rank}: a collective waited more than train.collective_timeout_s = {timeout:g} s; "
+                  "another rank hung or died (the launcher's report names it); the job stops, resume with "
+                  "--resume auto (README: when a rank hangs)", file=sys.stderr, flush=True)
+        else:
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
         code = 1
     shutdown(code)
 

@@ -81,6 +81,8 @@ class TrainConfig:
     grad_reduce_dtype: str = "fp32"  # fp32 | bf16: dtype of the dp gradient reduction (bf16 halves its traffic)
     loss_scale: float = 65536.0  # fp16: initial loss scale
     loss_scale_window: int = 1000  # fp16: grow the scale x2 after this many steps without inf/nan
+    max_skipped_steps: int = 20  # stop when more steps than this in a row had a non-finite loss or gradient
+    collective_timeout_s: float = 1800.0  # a collective that waits longer fails the run (a hung or lost rank)
     activation_checkpoint: str = "none"  # none | full | selective (attention core only)
     activation_checkpoint_every: int = 1  # full: checkpoint every k-th block
     run_dir: str = "runs/default"
@@ -113,6 +115,7 @@ class CheckpointConfig:
     enabled: bool = True  # false: no checkpoints at all (benchmarks)
     async_save: bool = False  # write shards in a background thread (a CPU copy of the state meanwhile)
     drop_unknown_modules: bool = False  # loading: drop checkpoint tensors of modules this run lacks
+    continue_on_error: bool = False  # a failed save warns and training goes on (default: the run stops)
 
 
 @dataclass
@@ -164,6 +167,16 @@ REMOVED = {
 }
 
 
+def _finite(where: str, value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: expected {what}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{where}: expected {what}, got {value!r}")
+    return number
+
+
 def _coerce(where: str, value: Any, target: Any) -> Any:
     """Convert a TOML value or a command-line string to the type of the field's default."""
     kind = type(target)
@@ -176,10 +189,9 @@ def _coerce(where: str, value: Any, target: Any) -> Any:
     if kind is int:
         if isinstance(value, bool):
             raise UserError(f"{where}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+        if isinstance(value, int):
+            return value
+        as_float = _finite(where, value, "an integer")
         if as_float != int(as_float):
             raise UserError(f"{where}: expected an integer, got {value!r}")
         return int(as_float)
@@ -193,10 +205,7 @@ def _coerce(where: str, value: Any, target: Any) -> Any:
         except UserError:
             raise UserError(f"{where}: expected a list of integers, e.g. [3, 5], got {value!r}") from None
     if kind is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: expected a number, got {value!r}") from None
+        return _finite(where, value, "a finite number")
     return str(value)
 
 
@@ -340,6 +349,10 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"train.activation_checkpoint = '{t.activation_checkpoint}': choose none, full or selective")
     if t.activation_checkpoint_every < 1:
         raise UserError("train.activation_checkpoint_every must be at least 1")
+    if t.max_skipped_steps < 0:
+        raise UserError(f"train.max_skipped_steps = {t.max_skipped_steps}: must be at least 0")
+    if not t.collective_timeout_s > 0:
+        raise UserError(f"train.collective_timeout_s = {t.collective_timeout_s}: must be more than 0 seconds")
     if t.optimizer not in ("adamw", "lamb"):
         raise UserError(f"train.optimizer = '{t.optimizer}': choose adamw or lamb")
     if t.lr_decay not in ("linear", "cosine", "constant"):

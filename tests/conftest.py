@@ -57,6 +57,7 @@ def base_overrides(run_dir) -> dict:
 
 
 FP16 = {"train.precision": "fp16", "train.loss_scale": 1024.0}
+NAN_GRAD = {"step": 5, "value": "nan", "into": "grad"}  # NaN gradients (finite loss) at step 5
 TOY_SHORT = {"train.steps": 10, "train.eval_interval": 5, "objectives.toy": 0.5}
 # Every single-process run the equivalence suites compare against or check, in one launched world.
 REFERENCE_RUNS = [
@@ -71,7 +72,10 @@ REFERENCE_RUNS = [
     {"name": "ac_full_every2", "overrides": {"train.activation_checkpoint": "full", "train.activation_checkpoint_every": 2}},
     {"name": "ac_selective", "overrides": {"train.activation_checkpoint": "selective"}},
     {"name": "fp16", "overrides": {**FP16, "train.loss_scale_window": 4}},
-    {"name": "fp16_inf", "overrides": {**FP16, "train.loss_scale_window": 1000}, "inject_inf_at_step": 5},
+    {"name": "fp16_inf", "overrides": {**FP16, "train.loss_scale_window": 1000}, "inject": {"step": 5}},
+    # non-finite steps outside fp16 (tests/test_faults.py): skipped, as fp16 overflows are
+    {"name": "nan_grad", "overrides": {}, "inject": NAN_GRAD},
+    {"name": "bf16_inf_loss", "overrides": {"train.precision": "bf16"}, "inject": {"step": 5, "value": "inf"}},
 ]
 
 
@@ -110,6 +114,22 @@ def assert_curves_equal(got, ref, keys, steps: int, rtol: float = 1e-4) -> None:
         want = series(ref, key)
         assert len(want) > 0, key
         np.testing.assert_allclose(series(got, key), want, rtol=rtol, atol=1e-7, err_msg=key)
+
+
+def assert_skipped(rows, ref, step: int) -> None:
+    """A run whose step `step` was skipped (non-finite loss or gradients) against its reference:
+    the reference's curves, that step counted and without a gradient norm, every other step
+    finite. `ref` is either the same injection in one process or, up to `step`, an uninjected run."""
+    import numpy as np
+
+    assert [r["skipped_steps"] for r in rows] == [0] * (step - 1) + [1] * (len(rows) - step + 1)
+    assert rows[step - 1]["grad_norm"] is None
+    norms = [r["grad_norm"] for i, r in enumerate(rows) if i != step - 1]
+    assert all(n is not None and np.isfinite(n) for n in norms)
+    same = len(rows) if ref[step - 1]["grad_norm"] is None else step - 1
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(series(rows[:same], key), series(ref[:same], key), rtol=1e-4, err_msg=key)
+    assert np.isfinite(series(rows[step:], "loss")).all()
 
 
 def series(rows, key):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FP16, REPO, TOY_SHORT, base_overrides, launch_world
+from conftest import FP16, NAN_GRAD, REPO, TOY_SHORT, assert_skipped, base_overrides, launch_world
 from rapidnlp.config import Config, apply, resolve_layout
 from rapidnlp.errors import UserError
 
@@ -39,6 +39,8 @@ WORLDS = {
         "pp2_zbv": ({**PP2, "parallel.pp_schedule": "zbv", "parallel.pp_virtual_stages": 2}, "single"),
         # an injected inf in the loss function the pipeline schedule calls: fp16 skips that step
         "pp2_fp16_inf": ({**PP2, **FP16, "train.loss_scale_window": 1000}, "fp16_inf"),
+        # NaN gradients on the last stage only (rank 1) in fp32: every stage skips that step
+        "pp2_nan_grad": (PP2, "nan_grad"),
     },
     4: {
         "pp2_tp2": ({**PP2, "parallel.tp": 2}, "single"),
@@ -57,7 +59,8 @@ WORLDS = {
         "pp2_dp2_tp2": ({**PP2, "parallel.tp": 2}, "single"),
     },
 }
-LAYOUTS = [name for n in (2, 4, 8) for name in WORLDS[n] if "fp16" not in name]
+INJECTED = {"pp2_fp16_inf": {"step": 5}, "pp2_nan_grad": {**NAN_GRAD, "rank": 1}}
+LAYOUTS = [name for n in (2, 4, 8) for name in WORLDS[n] if name not in INJECTED]
 REFERENCE = {name: ref for world in WORLDS.values() for name, (_, ref) in world.items()}
 OVERRIDES = {name: over for world in WORLDS.values() for name, (over, _) in world.items()}
 
@@ -69,7 +72,7 @@ def curves(pd_dataset, references, tmp_path_factory):
     for nproc in WORLDS:
         tmp = tmp_path_factory.mktemp(f"pp{nproc}")
         runs = [{"name": name, "overrides": over,
-                 **({"inject_inf_at_step": 5} if "inf" in name else {})}
+                 **({"inject": INJECTED[name]} if name in INJECTED else {})}
                 for name, (over, _) in WORLDS[nproc].items()]
         results.update(launch_world(WORKER, nproc, pd_dataset, base_overrides(tmp / "run"), runs, tmp))
     return results
@@ -124,6 +127,14 @@ def test_fp16_injected_inf_on_the_pipeline_path(curves):
     assert [r["skipped_steps"] for r in rows] == [r["skipped_steps"] for r in ref] == [0] * 4 + [1] * (STEPS - 4)
     assert rows[4]["grad_norm"] is None and [r["loss_scale"] for r in rows] == [r["loss_scale"] for r in ref]
     np.testing.assert_allclose(_series(rows, "loss"), _series(ref, "loss"), rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fp32_nan_gradients_on_one_stage_skip_the_step_on_all(curves):
+    """NaN gradients on the last stage only: the pipelined fp32 step is skipped on every stage,
+    exactly as the single process skips it; training goes on from the untouched weights."""
+    assert_skipped(curves["pp2_nan_grad"]["rows"], curves["nan_grad"]["rows"], step=5)
 
 
 def _layout(world: int, **fields) -> Config:

@@ -5,7 +5,7 @@ memory each stage holds."""
 import numpy as np
 import pytest
 
-from conftest import REPO, base_overrides, launch_world
+from conftest import NAN_GRAD, REPO, assert_skipped, base_overrides, launch_world
 from test_layouts import STEPS
 
 WORKER = str(REPO / "tests" / "train_worker.py")
@@ -16,7 +16,9 @@ RUNS = {
        {"name": "offload", "overrides": {"parallel.zero": 3, "parallel.cpu_offload": True}},
        {"name": "zero3_ac_full", "overrides": {"parallel.zero": 3, "train.activation_checkpoint": "full"}},
        {"name": "zero0_bf16_reduce", "overrides": {"parallel.zero": 0, "train.grad_reduce_dtype": "bf16"}},
-       {"name": "zero2_bf16_reduce", "overrides": {"parallel.zero": 2, "train.grad_reduce_dtype": "bf16"}}],
+       {"name": "zero2_bf16_reduce", "overrides": {"parallel.zero": 2, "train.grad_reduce_dtype": "bf16"}},
+       # NaN gradients on rank 1 only (tests/test_faults.py): both ranks skip that step
+       {"name": "zero2_nan_grad", "overrides": {"parallel.zero": 2}, "inject": {**NAN_GRAD, "rank": 1}}],
     4: [{"name": "hsdp", "overrides": {"parallel.zero": 3, "parallel.hsdp_shard": 2}},
         {"name": "hsdp_zero2", "overrides": {"parallel.zero": 2, "parallel.hsdp_shard": 2}},
         {"name": "tp2_zero2", "overrides": {"parallel.zero": 2, "parallel.tp": 2}}],
@@ -134,3 +136,12 @@ def test_fp16_injected_inf_skips_exactly_that_step(curves):
     # the skipped step left the weights alone: step 6 sees the same model step 5 saw, on the next batch
     assert rows[5]["loss"] != rows[4]["loss"] and np.isfinite(series(rows[5:], "loss")).all()
     assert series(rows[5:], "loss")[-5:].mean() < series(rows[:4], "loss").mean()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fp32_and_bf16_non_finite_steps_are_skipped(curves):
+    """Outside fp16 too: NaN gradients on one dp rank (ZeRO-2) skip that step on both ranks, as in
+    the single process, and an infinite bf16 loss skips its step; the runs train on."""
+    assert_skipped(curves["zero2_nan_grad"], curves["nan_grad"], step=5)
+    assert_skipped(curves["bf16_inf_loss"], curves["single_bf16"], step=5)

@@ -3,7 +3,8 @@
     python tests/train_worker.py SPEC.json OUT.json
 
 SPEC: {"data": PREFIX, "base": {"section.field": value, ...},
-       "runs": [{"name": ..., "overrides": {...}, "dense_twin": bool, "inject_inf_at_step": k}, ...]}
+       "runs": [{"name": ..., "overrides": {...}, "dense_twin": bool,
+                 "inject": {"step": k, "value": "inf"|"nan", "into": "loss"|"grad", "rank": r}}, ...]}
 Rank 0 writes OUT: {name: [metric rows]} and, with dense_twin, the TP-vs-dense comparison.
 Every rank ends through shutdown(), never through interpreter exit (ARCHITECTURE.md).
 """
@@ -80,15 +81,25 @@ def dense_twin_check(config: Config) -> dict:
     }
 
 
-def inject_inf(trainer, step: int) -> None:
-    """Make the loss of optimizer step `step` (1-based) infinite, as an fp16 overflow would: in
-    the loss function, which every layout's step calls (the pipeline schedule's too)."""
+def inject(trainer, step: int, value: str = "inf", into: str = "loss", rank: int | None = None) -> None:
+    """Make optimizer step `step` (1-based) non-finite on `rank` (default: every rank) in the loss
+    function, which every layout's step calls (the pipeline schedule's too, on the last stage):
+    into="loss" multiplies the loss by `value` (an fp16 overflow, a diverged loss); into="grad"
+    leaves the loss alone and multiplies its gradient, so only the gradients are non-finite."""
+    import torch.distributed as dist
+
     base = type(trainer.loss_fn)
+    poison = float(value)
 
     class Injected(base):
         def __call__(self, outputs, index):
             loss = base.__call__(self, outputs, index)
-            return loss * float("inf") if trainer.step == step - 1 else loss
+            if trainer.step != step - 1 or rank not in (None, dist.get_rank()):
+                return loss
+            if into == "loss":
+                return loss * poison
+            loss.register_hook(lambda g: g * poison)
+            return loss
 
     trainer.loss_fn.__class__ = Injected
 
@@ -122,8 +133,8 @@ def train_run(run: dict, config: Config):
     from rapidnlp.train.trainer import Trainer
 
     trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open("/dev/null", "w"))
-    if "inject_inf_at_step" in run:
-        inject_inf(trainer, run["inject_inf_at_step"])
+    if "inject" in run:
+        inject(trainer, **run["inject"])
     return trainer.fit()
 
 

@@ -465,6 +465,13 @@ def _resolve_over_mpi(env: DistEnv) -> DistEnv:
     return resolved
 
 
+def is_timeout(error: BaseException) -> bool:
+    """Whether `error` is a collective that gave up waiting (gloo: "Timed out waiting ...ms";
+    nccl's watchdog: "Watchdog caught collective operation timeout")."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("Timed out waiting" in text or "operation timeout" in text)
+
+
 def shutdown(code: int = 0) -> NoReturn:
     """End this worker now: flush output, destroy the process group, `os._exit(code)`.
 

@@ -22,7 +22,6 @@ class DynamicLossScaler:
         self.growth = growth
         self.min_scale = min_scale
         self.clean_steps = 0
-        self.skipped_steps = 0
 
     def unscale_and_check(self, grads: list[torch.Tensor]) -> bool:
         """Divide the gradients by the scale in place; True when any of them is inf/nan on any rank."""
@@ -40,16 +39,14 @@ class DynamicLossScaler:
         if found_inf:
             self.scale = max(self.min_scale, self.scale * self.backoff)
             self.clean_steps = 0
-            self.skipped_steps += 1
             return
         self.clean_steps += 1
         if self.clean_steps % self.growth_interval == 0:
             self.scale *= self.growth
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.scale = float(state["scale"])
         self.clean_steps = int(state["clean_steps"])
-        self.skipped_steps = int(state["skipped_steps"])

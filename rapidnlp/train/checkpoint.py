@@ -17,10 +17,12 @@ else JSON. meta.json's manifest (size and CRC32 of every file) names a damaged f
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
 import shutil
+import sys
 import time
 import zlib
 
@@ -28,6 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
@@ -87,16 +92,70 @@ def _crc32(path: str) -> int:
     return crc
 
 
+def _files_under(folder: str) -> list[str]:
+    """Every file under folder, relative to it."""
+    return [os.path.relpath(os.path.join(root, name), folder)
+            for root, _, names in os.walk(folder) for name in names]
+
+
 def manifest(folder: str) -> dict:
     """Size and CRC32 of every file under folder (but meta.json, which holds this)."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
-            full = os.path.join(root, name)
-            rel = os.path.relpath(full, folder)
-            if rel != "meta.json":
-                out[rel] = {"bytes": os.path.getsize(full), "crc32": _crc32(full)}
-    return dict(sorted(out.items()))
+    return {rel: {"bytes": os.path.getsize(os.path.join(folder, rel)), "crc32": _crc32(os.path.join(folder, rel))}
+            for rel in sorted(_files_under(folder)) if rel != "meta.json"}
+
+
+def inside(folder: str, name) -> bool:
+    """Whether `name` (a path relative to folder) stays inside folder, symbolic links followed."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\0" in name:
+        return False
+    root = os.path.realpath(folder)
+    return os.path.realpath(os.path.join(root, name)).startswith(root + os.sep)
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+# meta.json of a training checkpoint: field -> (check, what it must be). An imported weights
+# folder (kind "weights") has only format, step and files.
+_META = {
+    "format": (lambda v: _is(v, int) and 1 <= v <= FORMAT_VERSION, f"a format version 1..{FORMAT_VERSION}"),
+    "step": (lambda v: _is(v, int) and v >= 0, "a step number"),
+    "files": (lambda v: isinstance(v, dict), "the manifest of files"),
+}
+_TRAINING_META = {
+    "sampler": (lambda v: isinstance(v, dict) and all(_is(v.get(k), int) and v[k] >= 0
+                                                      for k in ("consumed_samples", "seed", "num_samples")),
+                "the sampler state {consumed_samples, seed, num_samples}"),
+    "layout": (lambda v: isinstance(v, dict) and all(_is(x, int) or isinstance(x, str) for x in v.values()),
+               "the layout {pp, dp, tp, zero, ...}"),
+    "loss_scaler": (lambda v: v is None or (isinstance(v, dict) and _is(v.get("scale"), (int, float))
+                                            and _is(v.get("clean_steps"), int)), "null or the loss scaler state"),
+    "skipped": (lambda v: isinstance(v, dict) and all(_is(v.get(k, 0), int) for k in ("total", "in_a_row"))
+                and (v.get("last_finite") is None or (isinstance(v["last_finite"], list) and len(v["last_finite"]) == 2
+                                                      and _is(v["last_finite"][0], int)
+                                                      and _is(v["last_finite"][1], (int, float)))),
+                "the skipped-step counts"),
+}
+
+
+def _check_meta(meta, meta_path: str, folder: str) -> None:
+    """meta.json's fields as loading uses them; a file named outside the folder is refused."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: not a checkpoint's meta.json (not a JSON object)")
+    fields = _META if meta.get("kind") == "weights" else {**_META, **_TRAINING_META}
+    for name, (ok, what) in fields.items():
+        if name not in meta:
+            if name in _META or name in ("sampler", "layout"):
+                raise UserError(f"{meta_path}: no '{name}' field ({what}); not a complete checkpoint")
+            continue
+        if not ok(meta[name]):
+            raise UserError(f"{meta_path}: '{name}' must be {what}, not {json.dumps(meta[name])[:60]}")
+    for name, want in meta["files"].items():
+        if not inside(folder, name):
+            raise UserError(f"{meta_path}: the manifest names '{name}', which leads outside the checkpoint folder; refused")
+        if not (isinstance(want, dict) and _is(want.get("bytes"), int) and _is(want.get("crc32"), int)):
+            raise UserError(f"{meta_path}: files['{name}'] must be {{\"bytes\": int, \"crc32\": int}}")
 
 
 def verify(path: str) -> dict:
@@ -107,8 +166,12 @@ def verify(path: str) -> dict:
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: corrupted ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{meta_path}: corrupted ({e.__class__.__name__}: {e})") from None
+    _check_meta(meta, meta_path, path)
+    for name in _files_under(path):
+        if not inside(path, name):
+            raise UserError(f"{os.path.join(path, name)}: a link out of the checkpoint folder; refused")
     for name, want in meta["files"].items():
         full = os.path.join(path, name)
         if not os.path.isfile(full):
@@ -282,13 +345,71 @@ def layout(trainer) -> dict:
             "hsdp_shard": p.hsdp_shard, "world_size": dist.get_world_size()}
 
 
+class SaveFailed(UserError):
+    """A checkpoint could not be written (raised on every rank alike)."""
+
+    on_every_rank = True
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The OSError behind an error (a full disk), if there is one; else the error."""
+    cause = error
+    while cause.__context__ is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    return cause if isinstance(cause, OSError) else error
+
+
+class ShardFileSystem(FileSystem):
+    """DCP's file system, but a failed shard write raises the OSError that caused it: torch.save's
+    zip writer replaces it with an 'unexpected pos' RuntimeError as it closes, and DCP passes
+    errors between ranks without their context."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        except Exception as e:
+            root = _root_cause(e)
+            if root is e:
+                raise
+            raise root from None
+
+
+def storage_writer(path: str) -> FileSystemWriter:
+    writer = FileSystemWriter(path)
+    writer.fs = ShardFileSystem()
+    return writer
+
+
+def _describe(error: BaseException) -> list[str]:
+    """'rank R: what failed' for a save's error: DCP's per-rank failures unwrapped, each as its
+    root cause where that is an OSError (a full disk), on one line."""
+    failures = ({rank: exc for rank, (exc, _) in error.failures.items()} if isinstance(error, CheckpointException)
+                else {dist.get_rank(): error})
+    lines = []
+    for rank, exc in sorted(failures.items()):
+        exc = _root_cause(exc)
+        text = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        lines.append(f"rank {rank}: {' '.join(text.split())}")
+    return lines
+
+
+def _gather_errors(error: BaseException | None, src: int | None = None) -> list[str]:
+    """What failed in a save, on every rank alike (src: only that rank's error counts). Collective."""
+    mine = _describe(error) if error is not None and src in (None, dist.get_rank()) else []
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return list(dict.fromkeys(line for lines in everyone for line in lines))
+
+
 class Checkpointer:
     """Saves every `interval` steps and/or `minutes`, keeps the last `keep_last` (and every
     `keep_every`-th permanently), and loads them back into a Trainer."""
 
     def __init__(self, run_dir: str, *, interval: int = 0, minutes: float = 0.0, keep_last: int = 3,
                  keep_every: int = 0, tokenizer: str | None = None, async_save: bool = False,
-                 drop_unknown_modules: bool = False):
+                 drop_unknown_modules: bool = False, continue_on_error: bool = False):
         self.run_dir = run_dir
         self.interval = interval
         self.minutes = minutes
@@ -297,8 +418,10 @@ class Checkpointer:
         self.tokenizer = tokenizer
         self.async_save = async_save
         self.drop_unknown_modules = drop_unknown_modules
+        self.continue_on_error = continue_on_error
+        self.writer = storage_writer  # tmp folder -> DCP storage writer (a test makes one that fails)
         self._async_group = None
-        self._pending = None  # (future, tmp folder, final folder, meta, step) of the save to finish
+        self._pending = None  # (future, tmp folder, final folder, meta, step, error) of the save to finish
         self.last_save_time = time.monotonic()
 
     def due(self, step: int) -> bool:
@@ -322,23 +445,21 @@ class Checkpointer:
             os.makedirs(os.path.join(tmp, "rng"))
         dist.barrier()
         state = {"model": model_state(trainer.model), "optim": optimizer_state(trainer.model, trainer.optimizer, trainer.device)}
-        if self.async_save:
-            # The writer thread runs collectives of its own: on a separate gloo group, so that
-            # they never interleave with training's on the default group.
-            if self._async_group is None:
-                self._async_group = dist.new_group(backend="gloo")
-            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_group)
-        else:
-            dcp.save(state, checkpoint_id=tmp)
-            future = None
-        with open(os.path.join(tmp, "rng", f"rank_{rank}.json"), "w") as f:
-            json.dump(rng_state(), f)
+        future, error = None, None
+        try:
+            if self.async_save:
+                # The writer thread runs collectives of its own: on a separate gloo group, so
+                # that they never interleave with training's on the default group.
+                if self._async_group is None:
+                    self._async_group = dist.new_group(backend="gloo")
+                future = dcp.async_save(state, storage_writer=self.writer(tmp), process_group=self._async_group)
+            else:
+                dcp.save(state, storage_writer=self.writer(tmp))
+            self._write_own_files(trainer, tmp)
+        except (Exception, CheckpointException) as e:  # a full disk, a lost mount: agreed in wait()
+            error = e
         meta = None
         if rank == 0:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                f.write(trainer.config.to_json())
-            if self.tokenizer and os.path.isfile(self.tokenizer):
-                shutil.copyfile(self.tokenizer, os.path.join(tmp, "tokenizer.model"))
             meta = {
                 "format": FORMAT_VERSION,
                 "step": trainer.step,
@@ -347,32 +468,67 @@ class Checkpointer:
                 "sampler": trainer.sampler.state_dict(),
                 "layout": layout(trainer),
                 "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+                "skipped": {"total": trainer.skipped_steps, "in_a_row": trainer.skipped_in_a_row,
+                            "last_finite": trainer.last_finite},
                 "saved_at": time.time(),
             }
-        self._pending = (future, tmp, final, meta, trainer.step)
+        self._pending = (future, tmp, final, meta, trainer.step, error)
         if not self.async_save:
             self.wait()
         self.last_save_time = time.monotonic()
         return final
 
+    def _write_own_files(self, trainer, tmp: str) -> None:
+        """What each rank writes beside the shards: its RNG state; rank 0 the config and tokenizer."""
+        with open(os.path.join(tmp, "rng", f"rank_{dist.get_rank()}.json"), "w") as f:
+            json.dump(rng_state(), f)
+        if dist.get_rank() == 0:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                f.write(trainer.config.to_json())
+            if self.tokenizer and os.path.isfile(self.tokenizer):
+                shutil.copyfile(self.tokenizer, os.path.join(tmp, "tokenizer.model"))
+
     def wait(self) -> None:
         """Finish the save in flight, if any: wait for its shards on every rank, then (rank 0)
-        write meta.json with the manifest, rename the folder and point `latest` at it."""
+        write meta.json with the manifest, rename the folder and point `latest` at it. A save
+        that failed on any rank is removed, `latest` left where it was, and reported."""
         if self._pending is None:
             return
-        future, tmp, final, meta, step = self._pending
+        future, tmp, final, meta, step, error = self._pending
         self._pending = None
-        if future is not None:
-            future.result()
-        dist.barrier()
+        if future is not None and error is None:
+            try:
+                future.result()
+            except (Exception, CheckpointException) as e:
+                error = e
+        failures = _gather_errors(error)
+        if not failures and dist.get_rank() == 0:
+            try:
+                write_json_atomic(os.path.join(tmp, "meta.json"), {**meta, "files": manifest(tmp)})
+                if os.path.isdir(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                atomic_write(os.path.join(checkpoints_root(self.run_dir), "latest"), os.path.basename(final))
+                self._prune(step)
+            except Exception as e:
+                error = e
+        failures = failures or _gather_errors(error, src=0)
+        if failures:
+            self._failed(step, tmp, failures)
+
+    def _failed(self, step: int, tmp: str, failures: list[str]) -> None:
+        """A failed save: its partial folder removed (rank 0), then one line, and either the run
+        stops (SaveFailed on every rank) or, with checkpoint.continue_on_error, it trains on."""
         if dist.get_rank() == 0:
-            write_json_atomic(os.path.join(tmp, "meta.json"), {**meta, "files": manifest(tmp)})
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            atomic_write(os.path.join(checkpoints_root(self.run_dir), "latest"), os.path.basename(final))
-            self._prune(step)
+            shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
+        last = latest_checkpoint(self.run_dir)
+        message = (f"step {step}: saving the checkpoint failed ({failures[0]}); the partial folder was removed "
+                   f"and the last checkpoint is {last or 'none'}")
+        if not self.continue_on_error:
+            raise SaveFailed(f"{message}; free the space (or fix the storage) and resume: --resume auto")
+        if dist.get_rank() == 0:
+            print(f"warning: {message}; training goes on (checkpoint.continue_on_error)", file=sys.stderr, flush=True)
 
     def _module_changes(self, path: str, trainer) -> list[str]:
         """The objective modules this run adds to the checkpoint's model (loaded as initialised).
@@ -435,6 +591,10 @@ class Checkpointer:
         _load_sampler(trainer, meta["sampler"], path, changed_objectives=bool(new))
         if trainer.scaler and meta.get("loss_scaler"):
             trainer.scaler.load_state_dict(meta["loss_scaler"])
+        skipped = meta.get("skipped", {})
+        trainer.skipped_steps = skipped.get("total", 0)
+        trainer.skipped_in_a_row = skipped.get("in_a_row", 0)
+        trainer.last_finite = tuple(skipped["last_finite"]) if skipped.get("last_finite") else None
         rng_file = os.path.join(path, "rng", f"rank_{rank}.json")
         # RNG streams only mean something on the same layout (they drive dropout per rank).
         saved = {k: v for k, v in meta["layout"].items() if k != "dp_mode"}  # dp_mode: before zero alone

@@ -61,6 +61,10 @@ def read_metadata(path: str) -> Metadata:
         raise UserError(f"{meta_path}: unreadable checkpoint metadata ({e.__class__.__name__}: {e})") from None
     if not isinstance(metadata, Metadata):
         raise UserError(f"{meta_path}: does not hold DCP metadata")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise UserError(f"{meta_path}: names the shard file {name!r}, outside the checkpoint folder; refused")
     return metadata
 
 

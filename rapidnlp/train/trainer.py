@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import time
@@ -39,10 +40,11 @@ from rapidnlp.errors import UserError
 from rapidnlp.model.flops import training_flops_per_sequence
 from rapidnlp.optim import build_optimizer, lr_at
 from rapidnlp.optim.loss_scale import DynamicLossScaler
+from rapidnlp.optim.norms import local_tensor
 from rapidnlp.parallel import uses_loss_parallel
 from rapidnlp.parallel.pipeline import Stages
 from rapidnlp.pretrain.objective import ObjectiveLoss, build_model, build_objectives, collate, normalisers, plain
-from rapidnlp.train.checkpoint import Checkpointer
+from rapidnlp.train.checkpoint import Checkpointer, latest_checkpoint
 from rapidnlp.train.flops import peak_flops
 from rapidnlp.train.memory import ActivationCounter, optimizer_state_bytes, tensor_bytes
 from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
@@ -51,6 +53,13 @@ from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
 # Our logits come out of a Linear as a view and are never modified in place, which is the case
 # this FSDP2 warning is about.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+class Diverged(UserError):
+    """Training stopped on non-finite state. Every rank raises it at the same step (the values it
+    is decided on are reduced over all ranks), so one rank reports it."""
+
+    on_every_rank = True
 
 
 def seed_everything(seed: int) -> None:
@@ -168,6 +177,9 @@ class Trainer:
                                                             _flat(ahead.step_at(position))),
                                    stride=t.global_batch)
         self.step = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (fp16: overflow)
+        self.skipped_in_a_row = 0
+        self.last_finite: tuple[int, float] | None = None  # (step, loss) of the last step taken
         self.stop_requested = False
         self.is_logger = dist.get_rank() == 0
         self.metrics = MetricsWriter(
@@ -246,17 +258,60 @@ class Trainer:
                   "mem_activation_bytes": self.activations.bytes}
         overflow = self.scaler.unscale_and_check([p.grad for p in params if p.grad is not None]) if self.scaler else False
         grad_norm = None if overflow else self.parts.clip_grad_norm_(t.clip_grad)
-        if not overflow:  # fp16 overflow: skip the update, the scaler backs off
+        # A non-finite loss or gradient norm (fp16: an overflow, and the scaler backs off) skips
+        # the update. Both are reduced over every rank, so every rank skips the same steps.
+        skip = overflow or not (math.isfinite(grad_norm) and bool(torch.isfinite(sums).all()))
+        if not skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         memory["mem_optimizer_bytes"] = optimizer_state_bytes(self.optimizer)
-        row = self._finish_step(sums, norms, lr, grad_norm, started, memory)
+        row = self._finish_step(sums, norms, lr, None if skip else grad_norm, started, memory)
         row["data_wait_s"] = waited
+        self._count_skip(row, skip)
         if self.scaler:
             row["loss_scale"] = self.scaler.scale  # the scale this step ran with
             self.scaler.update(overflow)
-            row["skipped_steps"] = self.scaler.skipped_steps
         return row
+
+    def _count_skip(self, row: dict, skipped: bool) -> None:
+        if skipped:
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+        else:
+            self.skipped_in_a_row = 0
+            self.last_finite = (self.step, row["loss"])
+        row["skipped_steps"] = self.skipped_steps
+
+    def weights_finite(self) -> bool:
+        """Whether every weight on every rank is finite (collective)."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.model.parameters():
+            bad = torch.maximum(bad, (~torch.isfinite(local_tensor(p.detach()))).any().float())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad)
+
+    def _save(self, checkpointer: Checkpointer) -> None:
+        """Save, never from non-finite state: weights that just gave a non-finite loss or gradient
+        (a skipped step) are not saved, and non-finite weights stop the run."""
+        if self.skipped_in_a_row:
+            if self.is_logger:
+                print(f"note: step {self.step}: no checkpoint after a skipped step (non-finite loss or gradient)",
+                      flush=True)
+        elif not self.weights_finite():
+            raise self._diverged("the weights are not finite", checkpointer)
+        else:
+            checkpointer.save(self)
+
+    def _diverged(self, why: str, checkpointer: Checkpointer | None) -> Diverged:
+        """The one line a diverged run stops with: the step, the last finite loss, the last good
+        checkpoint (a save in flight, started from finite weights, is finished first)."""
+        if checkpointer is not None:
+            checkpointer.wait()
+        last = latest_checkpoint(self.config.train.run_dir) if checkpointer is not None else None
+        finite = f"last finite loss {self.last_finite[1]:.4f} at step {self.last_finite[0]}" if self.last_finite \
+            else "no finite loss yet"
+        resume = f"; resume from it with a lower train.lr: --resume {last}" if last else ""
+        return Diverged(f"step {self.step}: {why}; {finite}; last good checkpoint: {last or 'none'}{resume}")
 
     def _set_progress(self) -> None:
         """Tell the objectives how far training is (a growing margin reads it)."""
@@ -343,13 +398,21 @@ class Trainer:
 
     def fit(self, checkpointer: Checkpointer | None = None, resume: str | None = None) -> list[dict]:
         """Train to train.steps (or until a stop signal). Returns this call's metric rows."""
-        t = self.config.train
         rows = []
         resumed_from = None
         if resume:
             resumed_from = checkpointer.load(self, resume)["step"]
         self.metrics.start(self.step)
         self.model.train()
+        try:
+            self._loop(checkpointer, rows, resumed_from)
+        finally:
+            self.metrics.close()
+            self.prefetch.close()
+        return rows
+
+    def _loop(self, checkpointer: Checkpointer | None, rows: list[dict], resumed_from: int | None) -> None:
+        t = self.config.train
         while self.step < t.steps:
             row = self.train_step()
             if t.eval_interval and self.data.val is not None and self.step % t.eval_interval == 0:
@@ -360,17 +423,17 @@ class Trainer:
             self.metrics.write(row)
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 self.metrics.progress(row)
+            if self.skipped_in_a_row > t.max_skipped_steps:
+                raise self._diverged(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(train.max_skipped_steps = {t.max_skipped_steps})", checkpointer)
             if checkpointer is not None:
                 stop, save = self._agree(checkpointer.due(self.step))
                 if save or stop or self.step == t.steps:
-                    checkpointer.save(self)
+                    self._save(checkpointer)
                 if stop:
                     break
         if checkpointer is not None:
             checkpointer.wait()  # an async save still writing
-        self.metrics.close()
-        self.prefetch.close()
-        return rows
 
 
 def write_run_config(config: Config) -> None:
