@@ -147,7 +147,7 @@ def test_prepare_with_given_tokenizer_and_skipped_lines(tmp_path):
     stats = prepare(str(src), str(tmp_path / "b"), tokenizer_path=first["model"], log=logs.append)
     assert (tmp_path / "b.model").read_bytes() == (tmp_path / "a.model").read_bytes()
     assert stats["tokens"] == first["tokens"]
-    assert stats["skipped_lines"] == 1 and stats["skipped_line_numbers"] == [101]
+    assert stats["skipped_lines"] == 1 and stats["skipped_at"] == [f"{src}:101"]
     assert any("skipped 1 line(s)" in m for m in logs)
     with pytest.raises(UserError, match="not a sentencepiece model"):
         prepare(str(src), str(tmp_path / "bad"), tokenizer_path=str(src), log=lambda m: None)
