@@ -231,7 +231,12 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
         Tokenizer(tokenizer_path)  # a bad model fails here, before any output exists
     chunks = plan_chunks(expand_inputs(specs), chunk_bytes)
     if shard is not None:
+        every = len(chunks)
         chunks = shard_chunks(chunks, *shard)
+        if not chunks:
+            raise UserError(f"prepare --shard {shard[0]}/{shard[1]}: this part is empty, the corpus makes "
+                            f"only {every} chunk(s) of --chunk-mb {chunk_bytes / 2**20:g}; give a smaller "
+                            f"--chunk-mb or fewer parts")
     where = specs[0] if len(specs) == 1 else f"{specs[0]} (and {len(specs) - 1} more)"
     if not chunks:
         raise UserError(empty_corpus_message(where, 0, False))
