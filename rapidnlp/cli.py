@@ -37,7 +37,7 @@ def _prepare(args: argparse.Namespace) -> int:
         sources, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8,
         char_level=args.char_level, kg=kg, evaluate_demo=demo, workers=args.workers,
         shard=parse_shard(args.shard) if args.shard else None, resume=args.resume,
-        chunk_bytes=int(args.chunk_mb * 2**20),
+        chunk_bytes=int(args.chunk_mb * 2**20) if args.chunk_mb else None,
     )
     print(
         f"wrote {stats['bin']}, {stats['idx']}, {stats['model']}: {stats['documents']} documents, "
@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="i/n: prepare only the i-th of n parts of the corpus (needs --tokenizer); "
                    "join the parts with `rapidnlp merge`")
     p.add_argument("--resume", action="store_true", help="reuse the chunks a killed run finished (PREFIX.parts/)")
-    p.add_argument("--chunk-mb", type=float, default=32.0,
-                   help="size of the units of work in MB (the output does not depend on it)")
+    p.add_argument("--chunk-mb", type=float,
+                   help="size of the units of work in MiB (default: 1/64 of the corpus, 1 to 64; the output "
+                   "does not depend on it)")
 
     p = sub.add_parser("merge", help="join indexed datasets (prepare --shard parts, Megatron's) in order")
     p.add_argument("prefixes", nargs="+", help="dataset prefixes PREFIX_0 ... PREFIX_{n-1}, in corpus order")

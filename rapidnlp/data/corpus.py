@@ -35,8 +35,10 @@ def split_sentences(text: str) -> list[str]:
     """Sentences of `text`, punctuation kept, surrounding whitespace and empty pieces dropped."""
     out = []
     for line in text.splitlines():
-        for piece in _BOUNDARY.sub("\\1\n", line).split("\n"):
-            piece = piece.strip()
+        # split() with the group keeps each boundary: [text, boundary, text, boundary, ..., text]
+        parts = _BOUNDARY.split(line)
+        for k in range(0, len(parts), 2):
+            piece = (parts[k] + parts[k + 1] if k + 1 < len(parts) else parts[k]).strip()
             if piece:
                 out.append(piece)
     return out

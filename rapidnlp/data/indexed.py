@@ -16,6 +16,7 @@ This module only stores token ids; it knows nothing of tokenizers or of how samp
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import struct
@@ -94,20 +95,34 @@ class IndexedDatasetWriter:
 
     def add_document(self, sequences) -> None:
         """Append one document: a list of token-id sequences (lists or arrays)."""
+        self.add_documents([sequences])
+
+    def add_documents(self, documents) -> None:
+        """Append many documents at once (one conversion and one write for all of them)."""
         if self._closed:
             raise RuntimeError("add_document() after finalize() or abort()")
-        if len(sequences) == 0:
-            raise ValueError("empty document: a document needs at least one sequence")
-        arrays = [np.asarray(s) for s in sequences]
-        flat = np.concatenate(arrays) if len(arrays) > 1 else arrays[0].reshape(-1)
+        lengths, pieces = [], []
+        for sequences in documents:
+            if len(sequences) == 0:
+                raise ValueError("empty document: a document needs at least one sequence")
+            for s in sequences:
+                lengths.append(len(s))
+                pieces.append(s)
+        if all(isinstance(p, list) for p in pieces):  # what sentencepiece returns: no array per sequence
+            flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(lengths))
+        else:
+            flat = np.concatenate([np.asarray(p).reshape(-1) for p in pieces])
         if self._range is not None and flat.size:
             # astype() would wrap out-of-range ids silently and corrupt the corpus.
             lo, hi = int(flat.min()), int(flat.max())
             if lo < self._range[0] or hi > self._range[1]:
                 raise ValueError(f"token id out of range for {self.dtype}: min {lo}, max {hi}")
         self._bin.write(flat.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._lengths.extend(a.size for a in arrays)
-        self._doc_indices.append(len(self._lengths))
+        end = len(self._lengths)
+        self._lengths.extend(lengths)
+        for sequences in documents:
+            end += len(sequences)
+            self._doc_indices.append(end)
 
     def finalize(self) -> None:
         """Write the index and move both files into place (.bin first, .idx last)."""

@@ -85,8 +85,16 @@ class Chunk:
         return f"chunk_{self.index:06d}"
 
 
-def plan_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
+def default_chunk_bytes(files: list[str]) -> int:
+    """About 64 chunks per corpus (enough to balance a few dozen workers), 1 to 64 MiB each: a
+    function of the corpus only, so that --resume finds the same chunks with any worker count."""
+    total = sum(os.path.getsize(p) for p in files)
+    return min(64 << 20, max(1 << 20, total // 64))
+
+
+def plan_chunks(files: list[str], chunk_bytes: int | None = None) -> list[Chunk]:
     """The chunks of `files`, in order; the cut points are found by seeking, not by reading."""
+    chunk_bytes = chunk_bytes or default_chunk_bytes(files)
     chunks: list[Chunk] = []
     for path in files:
         size = os.path.getsize(path)

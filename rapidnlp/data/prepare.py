@@ -42,22 +42,21 @@ from rapidnlp.io import atomic_path, remove_quietly, temp_name, write_json_atomi
 
 # Sentences per call into sentencepiece: per-call overhead vanishes, memory stays small.
 _ENCODE_BATCH = 8192
-DEFAULT_CHUNK_BYTES = 32 << 20
 _MAX_REPORTED = 10
 
 
 def _encode(batch: list[list[str]], tok: Tokenizer, writer: IndexedDatasetWriter) -> int:
     """Tokenize whole documents into the writer; returns the token count."""
-    n_tokens = 0
     ids = tok.encode_batch([s for doc in batch for s in doc])
-    k = 0
+    docs, k = [], 0
     for doc in batch:
         seqs = [seq for seq in ids[k:k + len(doc)] if seq]
         k += len(doc)
         if seqs:
-            writer.add_document(seqs)
-            n_tokens += sum(len(s) for s in seqs)
-    return n_tokens
+            docs.append(seqs)
+    if docs:
+        writer.add_documents(docs)
+    return sum(map(len, ids))
 
 
 # -- one chunk (in a worker process, or in this one) --------------------------------------------
@@ -203,7 +202,7 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
             text_key: str = "text", seed: int = 0, char_level: bool = False,
             kg=None, max_triples: int = 16, evaluate_demo: bool = False,
             workers: int = 1, shard: tuple[int, int] | None = None, resume: bool = False,
-            chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress_stream: TextIO | None = None,
+            chunk_bytes: int | None = None, progress_stream: TextIO | None = None,
             progress_tty: bool | None = None, progress_interval: float = 10.0,
             log: Callable[[str], None] = print) -> dict:
     """Tokenize a corpus into PREFIX.model + PREFIX.bin/.idx (+ PREFIX.knowledge/ given a
@@ -212,7 +211,8 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
     inputs: files, folders or globs (inputs.py).  With tokenizer_path the given model is used
     (and copied to PREFIX.model) instead of training one with vocab_size (char_level: one piece
     per character).  workers: processes (0: every core).  shard=(i, n): only the i-th of n
-    contiguous parts of the corpus (needs tokenizer_path); `merge` joins the parts.  resume:
+    contiguous parts of the corpus (needs tokenizer_path); `merge` joins the parts.  chunk_bytes:
+    the unit of work (default inputs.default_chunk_bytes; the output does not depend on it).  resume:
     reuse the chunks a killed run finished.  Returns documents, sentences, tokens, skipped_lines
     (count), skipped_at (the first few, as FILE:LINE), vocab_size, dtype, seconds, chunks,
     reused_chunks, the three paths, and the knowledge report (given a kg).
@@ -235,8 +235,8 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
         chunks = shard_chunks(chunks, *shard)
         if not chunks:
             raise UserError(f"prepare --shard {shard[0]}/{shard[1]}: this part is empty, the corpus makes "
-                            f"only {every} chunk(s) of --chunk-mb {chunk_bytes / 2**20:g}; give a smaller "
-                            f"--chunk-mb or fewer parts")
+                            f"only {every} chunk(s); give a smaller --chunk-mb "
+                            f"or fewer parts")
     where = specs[0] if len(specs) == 1 else f"{specs[0]} (and {len(specs) - 1} more)"
     if not chunks:
         raise UserError(empty_corpus_message(where, 0, False))
