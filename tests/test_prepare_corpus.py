@@ -21,6 +21,7 @@ from rapidnlp.data.knowledge.build import prepare_knowledge
 from rapidnlp.data.knowledge.kg import KnowledgeGraph
 from rapidnlp.data.merge import merge
 from rapidnlp.data.prepare import prepare
+from rapidnlp.data.progress import Progress
 from rapidnlp.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "megatron_indexed"
@@ -222,6 +223,15 @@ def test_progress_lines_when_not_a_terminal(tmp_path, corpus, pd_dataset):
     assert progress[-1].startswith("prepare: 100% (") and " 800 documents" in progress[-1]
     assert stream.getvalue() == ""  # not a terminal: no bar drawn
     assert lines[-1].startswith("prepared ")  # the final summary as before
+
+    bar = Progress(4000, stream=stream, tty=True)
+    bar.interval = 0.0
+    bar.update(1000, 10, 500)
+    bar.update(1000, 10, 500)
+    bar.close()
+    drawn = stream.getvalue().split("\r")[1:]
+    assert len(drawn) == 3 and stream.getvalue().endswith("\n")
+    assert drawn[-1].startswith("[" + "#" * 15 + "." * 15 + "]  50% 2.0 KB/4.0 KB 20 documents, ")
 
 
 @pytest.mark.slow
