@@ -33,6 +33,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     knowledge = knowledge_step(args)  # (KG, is the demo's) with --demo, --kg or --knowledge
     kg, demo = knowledge if knowledge else (None, False)
+    # SLURM's time limit and preemption send SIGTERM: stop as on Ctrl-C, keeping finished chunks.
+    signal.signal(signal.SIGTERM, _interrupted)
     stats = prepare(
         sources, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8,
         char_level=args.char_level, kg=kg, evaluate_demo=demo, workers=args.workers,
@@ -46,6 +48,10 @@ def _prepare(args: argparse.Namespace) -> int:
         f"({stats['workers']} worker(s), {stats['chunks']} chunks, {stats['reused_chunks']} reused)"
     )
     return 0
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _merge(args: argparse.Namespace) -> int:

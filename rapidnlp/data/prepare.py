@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -136,6 +137,16 @@ _QUEUE = None
 def _init_worker(queue) -> None:
     global _QUEUE
     _QUEUE = queue
+    # Ctrl-C reaches the whole process group: the main process alone stops the run (and us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now, mid-chunk (their unfinished chunks have no .json and are redone).
+    Python 3.14 has this as pool.terminate_workers(); until then the private process table."""
+    for process in list((pool._processes or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _worker_chunk(job: ChunkJob, chunk: Chunk) -> dict:
@@ -169,8 +180,10 @@ def _run_chunks(job: ChunkJob, todo: list[Chunk], workers: int, progress: Progre
             for future in done:
                 future.result()  # a worker's error (a bad line: UserError) stops the run here
         drain()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        _terminate(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 # -- the whole prepare ----------------------------------------------------------------------------
@@ -273,11 +286,11 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
         progress.close()
         stats = _commit(parts, chunks, output_prefix, tok, kg, kg_report, evaluate_demo, where, start, log)
     except (KeyboardInterrupt, BrokenProcessPool) as e:
+        # The finished chunks stay for --resume; nothing outside PREFIX.parts/ was written.
         finished = sum(os.path.isfile(os.path.join(parts, c.name() + ".json")) for c in chunks)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        raise UserError(f"prepare: a worker process died ({e}); {finished} of {len(chunks)} chunks "
-                        f"are finished in {parts}: rerun with --resume to reuse them") from None
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"a worker process died ({e})"
+        raise UserError(f"prepare: {why}; {finished} of {len(chunks)} chunks are finished in {parts}: "
+                        f"rerun with --resume to reuse them") from None
     except BaseException:
         shutil.rmtree(parts, ignore_errors=True)
         raise
