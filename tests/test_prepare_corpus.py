@@ -231,7 +231,7 @@ def test_progress_lines_when_not_a_terminal(tmp_path, corpus, pd_dataset):
     bar.close()
     drawn = stream.getvalue().split("\r")[1:]
     assert len(drawn) == 3 and stream.getvalue().endswith("\n")
-    assert drawn[-1].startswith("[" + "#" * 15 + "." * 15 + "]  50% 2.0 KB/4.0 KB 20 documents, ")
+    assert drawn[-1].startswith("prepare [" + "#" * 15 + "." * 15 + "]  50% 2.0 KB/4.0 KB 20 documents, ")
 
 
 @pytest.mark.slow

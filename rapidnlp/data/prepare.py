@@ -197,16 +197,29 @@ def _sha256(path: str) -> str:
 
 
 def _train(chunks: list[Chunk], where: str, model_prefix: str, vocab_size: int, seed: int,
-           char_level: bool, strict_utf8: bool, text_key: str, log, final_model: str) -> None:
+           char_level: bool, strict_utf8: bool, text_key: str, log, final_model: str,
+           progress: Progress) -> None:
     """Train the tokenizer on every sentence of the corpus, streamed in chunk order."""
     readers = [CorpusReader(c.path, start=c.start, end=c.end, strict_utf8=strict_utf8, text_key=text_key)
                for c in chunks]
-    sentences = (s for r in readers for doc in r for s in doc)
-    first = next(sentences, None)
+
+    def sentences():
+        for reader, chunk in zip(readers, chunks):
+            seen = docs = sents = 0
+            for doc in reader:
+                yield from doc
+                docs, sents = docs + 1, sents + len(doc)
+                if docs == 1024:
+                    progress.update(reader.bytes_read - seen, docs, sents)
+                    seen, docs, sents = reader.bytes_read, 0, 0
+            progress.update(chunk.size - seen, docs, sents)
+
+    stream = sentences()
+    first = next(stream, None)
     if first is None:
         raise UserError(empty_corpus_message(where, sum(r.num_skipped for r in readers),
                                              readers[0].is_jsonl, text_key))
-    train_tokenizer(itertools.chain([first], sentences), model_prefix, vocab_size, seed=seed, char_level=char_level,
+    train_tokenizer(itertools.chain([first], stream), model_prefix, vocab_size, seed=seed, char_level=char_level,
                     log=lambda msg: log(msg.replace(model_prefix + ".model", final_model)))
 
 
@@ -262,13 +275,17 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
     reused = _open_parts(parts, plan, resume, log)
     try:
         tok_model = os.path.join(parts, "tokenizer.model")
+        total = sum(c.size for c in chunks)
+        show = {"stream": progress_stream, "tty": progress_tty, "interval": progress_interval, "log": log}
         if not os.path.isfile(tok_model):
             if tokenizer_path is not None:
                 with atomic_path(tok_model) as tmp:
                     shutil.copyfile(tokenizer_path, tmp)
             else:
+                reading = Progress(total, label="tokenizer: reading the corpus", unit="sentences", **show)
                 _train(chunks, where, tok_model[:-len(".model")], vocab_size, seed, char_level,
-                       strict_utf8, text_key, log, model_path)
+                       strict_utf8, text_key, log, model_path, reading)
+                reading.close()
         tok = Tokenizer(tok_model)
         knowledge = kg_report = None
         if kg is not None:
@@ -280,8 +297,7 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
         todo = [c for c in chunks if c not in set(done)]
         if reused and done:
             log(f"resume: reusing {len(done)} of {len(chunks)} finished chunks in {parts}")
-        progress = Progress(sum(c.size for c in chunks), done_bytes=sum(c.size for c in done),
-                            stream=progress_stream, tty=progress_tty, interval=progress_interval, log=log)
+        progress = Progress(total, done_bytes=sum(c.size for c in done), **show)
         _run_chunks(job, todo, workers, progress)
         progress.close()
         stats = _commit(parts, chunks, output_prefix, tok, kg, kg_report, evaluate_demo, where, start, log)

@@ -31,11 +31,13 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """update(bytes, documents, tokens) with increments; close() ends the bar's line."""
+    """update(bytes, documents, tokens) with increments; close() ends the bar's line.
+    `unit` names what the third count counts, `label` starts each plain line."""
 
     def __init__(self, total_bytes: int, *, done_bytes: int = 0, stream: TextIO | None = None,
                  tty: bool | None = None, interval: float = 10.0,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, label: str = "prepare", unit: str = "tokens"):
+        self.label, self.unit = label, unit
         self.total, self.bytes, self.documents, self.tokens = total_bytes, done_bytes, 0, 0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
@@ -61,16 +63,16 @@ class Progress:
         new = self.bytes - self._start_bytes
         left = self.total - self.bytes
         eta = _clock(left * elapsed / new) if new > 0 else "?"
-        stats = (f"{self.documents:,} documents, {_rate(self.tokens / elapsed)} tokens/s, "
+        stats = (f"{self.documents:,} documents, {_rate(self.tokens / elapsed)} {self.unit}/s, "
                  f"ETA {eta}")
         if self.tty:
             filled = int(_BAR * min(share, 1.0))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (_BAR - filled)}] {share:4.0%} "
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (_BAR - filled)}] {share:4.0%} "
                               f"{_size(self.bytes)}/{_size(self.total)} {stats}\033[K")
             self.stream.flush()
             self._drawn = True
         else:
-            self.log(f"prepare: {share:.0%} ({_size(self.bytes)} of {_size(self.total)}), {stats}")
+            self.log(f"{self.label}: {share:.0%} ({_size(self.bytes)} of {_size(self.total)}), {stats}")
 
     def close(self) -> None:
         if self._drawn:
