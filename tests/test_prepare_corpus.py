@@ -152,10 +152,11 @@ def test_malformed_line_in_a_later_chunk_names_file_and_line(tmp_path, pd_datase
     rows = [json.dumps({"text": f"第{i}句话，说的是北京。"}, ensure_ascii=False) for i in range(2000)]
     rows[1500] = '{"text": "坏'
     src.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"c\.jsonl:1501: malformed JSON"):
-        prepare(str(src), tmp_path / "out" / "ds", tokenizer_path=pd_dataset + ".model", workers=2,
-                chunk_bytes=8192, log=quiet)
-    assert os.listdir(tmp_path / "out") == []  # no output, no work folder
+    for how in ({"workers": 2}, {"shard": (1, 2)}):
+        with pytest.raises(UserError, match=r"c\.jsonl:1501: malformed JSON"):
+            prepare(str(src), tmp_path / "out" / "ds", tokenizer_path=pd_dataset + ".model", chunk_bytes=8192,
+                    log=quiet, **how)
+        assert os.listdir(tmp_path / "out") == []  # no output, no work folder
 
 
 def _write_megatron(prefix, documents, dtype):

@@ -272,7 +272,7 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
             "tokenizer": _sha256(tokenizer_path) if tokenizer_path else
             {"vocab_size": vocab_size, "seed": seed, "char_level": char_level},
             "strict_utf8": strict_utf8, "text_key": text_key, "max_triples": max_triples}
-    reused = _open_parts(parts, plan, resume, log)
+    _open_parts(parts, plan, resume, log)
     try:
         tok_model = os.path.join(parts, "tokenizer.model")
         total = sum(c.size for c in chunks)
@@ -287,15 +287,11 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
                        strict_utf8, text_key, log, model_path, reading)
                 reading.close()
         tok = Tokenizer(tok_model)
-        knowledge = kg_report = None
-        if kg is not None:
-            knowledge = _kg_files(parts, kg, tok, plan, log)
-            kg_report = knowledge[1]
-            knowledge = knowledge[0]
+        knowledge, kg_report = _kg_files(parts, kg, tok, log) if kg is not None else (None, None)
         job = ChunkJob(parts, tok_model, knowledge, strict_utf8, text_key, max_triples)
         done = [c for c in chunks if os.path.isfile(os.path.join(parts, c.name() + ".json"))]
         todo = [c for c in chunks if c not in set(done)]
-        if reused and done:
+        if done:
             log(f"resume: reusing {len(done)} of {len(chunks)} finished chunks in {parts}")
         progress = Progress(total, done_bytes=sum(c.size for c in done), **show)
         _run_chunks(job, todo, workers, progress)
@@ -311,12 +307,13 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
         shutil.rmtree(parts, ignore_errors=True)
         raise
     stats.update(chunks=len(chunks), reused_chunks=len(done), workers=workers)
+    if kg_report is not None:
+        stats["knowledge"] = kg_report
     return stats
 
 
-def _open_parts(parts: str, plan: dict, resume: bool, log) -> bool:
-    """Make PARTS/ for this plan; with resume keep it if it was made for the same plan.
-    Returns whether finished chunks may be reused."""
+def _open_parts(parts: str, plan: dict, resume: bool, log) -> None:
+    """Make PARTS/ for this plan; with resume keep it if it was made for the same plan."""
     plan_path = os.path.join(parts, "plan.json")
     if resume and os.path.isfile(plan_path):
         with open(plan_path, encoding="utf-8") as f:
@@ -325,16 +322,15 @@ def _open_parts(parts: str, plan: dict, resume: bool, log) -> bool:
         if old != plan:
             raise UserError(f"{parts}: made by a prepare with other inputs or options (files changed "
                             f"since?); rerun without --resume to start over")
-        return True
+        return
     if os.path.isdir(parts):
         log(f"removing {parts} left by an earlier run" + ("" if resume else " (pass --resume to reuse it)"))
         shutil.rmtree(parts)
     os.makedirs(parts)
     write_json_atomic(plan_path, plan)
-    return False
 
 
-def _kg_files(parts: str, kg, tok: Tokenizer, plan: dict, log) -> tuple[str, dict]:
+def _kg_files(parts: str, kg, tok: Tokenizer, log) -> tuple[str, dict]:
     """PARTS/knowledge/ with the corpus-independent knowledge files; on resume the KG must be the
     one the finished chunks were linked with."""
     from rapidnlp.data.knowledge.build import build_kg_files
