@@ -281,6 +281,18 @@ class IndexedDataset:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
 
+def open_same_dtype(prefixes: list[str]) -> list["IndexedDataset"]:
+    """The datasets at `prefixes`; UserError (naming both) if their token dtypes differ."""
+    if not prefixes:
+        raise UserError("merge: no datasets given")
+    sources = [IndexedDataset(p) for p in prefixes]
+    for src in sources[1:]:
+        if src.dtype != sources[0].dtype:
+            raise UserError(f"{src.idx_path}: token dtype {src.dtype}, but {sources[0].idx_path} has "
+                            f"{sources[0].dtype}; datasets tokenized with different vocabularies cannot be merged")
+    return sources
+
+
 def merge_indexed(prefixes: list[str], output: str, *, move: bool = False) -> dict:
     """Concatenate indexed datasets into OUTPUT.bin/.idx: documents and sequences in order, as
     Megatron's merge_datasets.py does, so the result has the bytes a single writer would give.
@@ -289,14 +301,8 @@ def merge_indexed(prefixes: list[str], output: str, *, move: bool = False) -> di
     dtypes are refused (UserError naming both).  Written under temporary names, .idx last.
     move=True with one source renames its files instead of copying them.
     """
-    if not prefixes:
-        raise UserError("merge: no datasets given")
-    sources = [IndexedDataset(p) for p in prefixes]
+    sources = open_same_dtype(prefixes)
     dtype = sources[0].dtype
-    for src in sources[1:]:
-        if src.dtype != dtype:
-            raise UserError(f"{src.idx_path}: token dtype {src.dtype}, but {sources[0].idx_path} has "
-                            f"{dtype}; datasets tokenized with different vocabularies cannot be merged")
     bin_path, idx_path = _paths(output)
     parent = os.path.dirname(bin_path)
     if parent:
@@ -304,8 +310,6 @@ def merge_indexed(prefixes: list[str], output: str, *, move: bool = False) -> di
     num_seq = sum(len(s) for s in sources)
     num_docs = sum(s.num_documents for s in sources)
     if move and len(sources) == 1:
-        src = sources.pop()
-        del src  # drop the memory maps before renaming
         remove_quietly(idx_path)
         os.replace(_paths(prefixes[0])[0], bin_path)
         os.replace(_paths(prefixes[0])[1], idx_path)

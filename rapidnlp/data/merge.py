@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from rapidnlp.data.indexed import IndexedDataset, merge_indexed
+from rapidnlp.data.indexed import merge_indexed, open_same_dtype
 from rapidnlp.data.knowledge.build import knowledge_dir, merge_knowledge, same_files, same_kg_files
 from rapidnlp.errors import UserError
 from rapidnlp.io import atomic_path, remove_quietly, temp_name
@@ -24,12 +24,7 @@ def merge(prefixes: list[str], output: str) -> dict:
     output = os.fspath(output)
     if os.path.abspath(output) in {os.path.abspath(p) for p in prefixes}:
         raise UserError(f"merge: --output {output} is one of the inputs; write the merge to a new prefix")
-    first = IndexedDataset(prefixes[0])
-    for p in prefixes[1:]:
-        other = IndexedDataset(p)
-        if other.dtype != first.dtype:
-            raise UserError(f"{other.idx_path}: token dtype {other.dtype}, but {first.idx_path} has "
-                            f"{first.dtype}; datasets tokenized with different vocabularies cannot be merged")
+    open_same_dtype(prefixes)  # every refusal comes before anything is written
     if any(os.path.isfile(p + ".model") for p in prefixes):
         same_files([p + ".model" for p in prefixes], "the parts were tokenized with different tokenizers",
                    "prepare every part with the same --tokenizer")
