@@ -265,3 +265,18 @@ def test_resume_after_a_killed_worker(tmp_path, pd_dataset):
     assert f"{m.group(1)} reused" in r.stdout
     prepare(str(src), tmp_path / "fresh", tokenizer_path=pd_dataset + ".model", log=quiet)
     assert files_of(prefix) == files_of(tmp_path / "fresh")
+
+
+def test_slurm_array_script_parts_merge_into_one_prepare(tmp_path, corpus, pd_dataset):
+    model = pd_dataset + ".model"
+    env = {"INPUT": str(corpus), "TOKENIZER": model, "OUT": str(tmp_path / "ds"), "PYTHON": sys.executable,
+           "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_CPUS_PER_TASK": "1"}
+    script = str(REPO / "scripts" / "slurm" / "prepare.sbatch")
+    for i in range(2):
+        r = subprocess.run(["bash", script, "--chunk-mb", "0.02"], env=clean_env(**env, SLURM_ARRAY_TASK_ID=str(i)),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run(["bash", script], env=clean_env(**env, MERGE="2"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    prepare(str(corpus), tmp_path / "single" / "ds", tokenizer_path=model, log=quiet)
+    assert files_of(tmp_path / "ds") == files_of(tmp_path / "single" / "ds")
