@@ -239,7 +239,8 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
     per character).  workers: processes (0: every core).  shard=(i, n): only the i-th of n
     contiguous parts of the corpus (needs tokenizer_path); `merge` joins the parts.  chunk_bytes:
     the unit of work (default inputs.default_chunk_bytes; the output does not depend on it).  resume:
-    reuse the chunks a killed run finished.  Returns documents, sentences, tokens, skipped_lines
+    reuse the chunks a killed run finished.  evaluate_demo: add the demo KG's place linking
+    precision/recall to the knowledge report.  Returns documents, sentences, tokens, skipped_lines
     (count), skipped_at (the first few, as FILE:LINE), vocab_size, dtype, seconds, chunks,
     reused_chunks, the three paths, and the knowledge report (given a kg).
     """
@@ -296,7 +297,9 @@ def prepare(inputs: str | list[str], output_prefix: str, *, vocab_size: int = 80
         progress = Progress(total, done_bytes=sum(c.size for c in done), **show)
         _run_chunks(job, todo, workers, progress)
         progress.close()
-        stats = _commit(parts, chunks, output_prefix, tok, kg, kg_report, evaluate_demo, where, start, log)
+        # The demo's place evaluation links with `workers` threads once the worker processes are gone.
+        demo_threads = workers if evaluate_demo else 0
+        stats = _commit(parts, chunks, output_prefix, tok, kg, kg_report, demo_threads, where, start, log)
     except (KeyboardInterrupt, BrokenProcessPool) as e:
         # The finished chunks stay for --resume; nothing outside PREFIX.parts/ was written.
         finished = sum(os.path.isfile(os.path.join(parts, c.name() + ".json")) for c in chunks)
@@ -357,7 +360,7 @@ def _kg_files(parts: str, kg, tok: Tokenizer, log) -> tuple[str, dict]:
     return folder, report
 
 
-def _commit(parts: str, chunks: list[Chunk], prefix: str, tok: Tokenizer, kg, kg_report, evaluate_demo,
+def _commit(parts: str, chunks: list[Chunk], prefix: str, tok: Tokenizer, kg, kg_report, demo_threads: int,
             where: str, start: float, log) -> dict:
     """Concatenate the chunks into the outputs and move them into place, PREFIX.idx last."""
     counts = []
@@ -372,7 +375,7 @@ def _commit(parts: str, chunks: list[Chunk], prefix: str, tok: Tokenizer, kg, kg
     # The old index goes first so that it never pairs with the new model, .bin or knowledge.
     remove_quietly(prefix + ".idx")
     if kg is not None:
-        _commit_knowledge(parts, names, prefix, kg, kg_report, evaluate_demo, start, log)
+        _commit_knowledge(parts, names, prefix, kg, kg_report, demo_threads, start, log)
     os.replace(os.path.join(parts, "tokenizer.model"), prefix + ".model")
     merged = merge_indexed(names, prefix, move=True)
     shutil.rmtree(parts)
@@ -390,7 +393,7 @@ def _commit(parts: str, chunks: list[Chunk], prefix: str, tok: Tokenizer, kg, kg
     return stats
 
 
-def _commit_knowledge(parts, names, prefix, kg, report, evaluate_demo, start, log) -> None:
+def _commit_knowledge(parts, names, prefix, kg, report, demo_threads, start, log) -> None:
     from rapidnlp.data.knowledge.build import knowledge_dir, log_summary, merge_knowledge
 
     final = knowledge_dir(prefix)
@@ -398,12 +401,12 @@ def _commit_knowledge(parts, names, prefix, kg, report, evaluate_demo, start, lo
     try:
         report["sidestreams"] = merge_knowledge([n + ".knowledge" for n in names], tmp, move=True,
                                                 kg_files=os.path.join(parts, "knowledge"))
-        if evaluate_demo:
+        if demo_threads:
             from rapidnlp.data.knowledge.demo import evaluate_places
             from rapidnlp.data.knowledge.linker import EntityLinker
 
             linker = EntityLinker.load(os.path.join(tmp, "linker.bin"))
-            report["places_vs_peoples_daily_ns"] = evaluate_places(linker, kg)
+            report["places_vs_peoples_daily_ns"] = evaluate_places(linker, kg, workers=demo_threads)
         report["seconds"] = round(time.perf_counter() - start, 3)
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=1)
