@@ -134,6 +134,8 @@ def test_files_folders_globs_and_compression(tmp_path, corpus, pd_dataset):
     jsonl = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines[100:200])
     (src / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl.encode()))
     (src / "sub" / "c.txt").write_text("\n".join(lines[200:]) + "\n", encoding="utf-8")
+    prepare(str(src / "sub" / "c.txt"), src / "sub" / "c", tokenizer_path=pd_dataset + ".model", log=quiet)
+    (src / ".hidden").write_text("not corpus\n", encoding="utf-8")  # outputs and hidden files are skipped
     flat = tmp_path / "flat.txt"
     flat.write_text("\n".join(lines) + "\n", encoding="utf-8")
     model = pd_dataset + ".model"

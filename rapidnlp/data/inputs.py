@@ -24,15 +24,17 @@ from dataclasses import dataclass
 from rapidnlp.errors import UserError
 
 COMPRESSED = (".gz", ".zst")
+# What prepare itself writes: a folder given as input skips these (an output next to its corpus).
+_OUTPUTS = (".bin", ".idx", ".model", ".npz")
 
 
 def expand_inputs(specs: list[str]) -> list[str]:
-    """Files named by `specs` (files, folders searched recursively, globs), sorted, duplicates once."""
+    """Files named by `specs` (files, folders searched recursively, globs), sorted, duplicates once.
+    In a folder, hidden files and what prepare writes (datasets, models, work folders) are skipped."""
     files = set()
     for spec in specs:
         if os.path.isdir(spec):
-            found = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                     if not name.startswith(".")]
+            found = _folder_files(spec)
         elif os.path.isfile(spec):
             found = [spec]
         else:
@@ -44,6 +46,14 @@ def expand_inputs(specs: list[str]) -> list[str]:
                             f"files, folders of them or a glob that matches them")
         files.update(os.path.normpath(p) for p in found)
     return sorted(files)
+
+
+def _folder_files(folder: str) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith((".parts", ".knowledge"))]
+        found += [os.path.join(root, n) for n in names if not n.startswith(".") and not n.endswith(_OUTPUTS)]
+    return found
 
 
 def base_name(path: str) -> str:
