@@ -252,7 +252,8 @@ def test_resume_after_a_killed_worker(tmp_path, pd_dataset):
     while len(list(parts.glob("chunk_*.json"))) < 3 and time.time() < deadline:
         time.sleep(0.05)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    workers = [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    # Forked workers carry the command line of the CLI; spawned ones run spawn_main.
+    workers = [int(c) for c in children if re.search("rapidnlp.cli|spawn_main", Path(f"/proc/{c}/cmdline").read_text())]
     assert workers, children
     os.kill(workers[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
@@ -282,3 +283,16 @@ def test_slurm_array_script_parts_merge_into_one_prepare(tmp_path, corpus, pd_da
     assert r.returncode == 0, r.stderr
     prepare(str(corpus), tmp_path / "single" / "ds", tokenizer_path=model, log=quiet)
     assert files_of(tmp_path / "ds") == files_of(tmp_path / "single" / "ds")
+
+
+def test_a_second_prepare_at_the_same_prefix_uses_its_own_tokenizer(tmp_path, corpus, pd_dataset):
+    # The worker-side cache of loaded tokenizers must not hand the first run's model to the second.
+    first = prepare(str(corpus), tmp_path / "ds", tokenizer_path=pd_dataset + ".model", log=quiet)
+    second = prepare(str(corpus), tmp_path / "ds", vocab_size=400, char_level=True, log=quiet)
+    assert first["vocab_size"] == 1000 and second["vocab_size"] < 1000
+    from rapidnlp.data.corpus import split_sentences
+    from rapidnlp.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(str(tmp_path / "ds") + ".model")
+    first_sentence = split_sentences(corpus.read_text(encoding="utf-8").splitlines()[0])[0]
+    assert IndexedDataset(str(tmp_path / "ds"))[0].tolist() == tok.encode(first_sentence)

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -74,9 +75,15 @@ class ChunkJob:
     max_triples: int
 
 
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=1)
-def _resources(tokenizer: str, knowledge: str | None):
-    """Loaded once per worker process, not once per chunk."""
+def _resources(tokenizer: str, knowledge: str | None, stamps: tuple):
+    """Loaded once per worker process, not once per chunk.  `stamps` (inode, mtime of the files)
+    keep a later prepare in this process from getting an earlier one's files at the same paths."""
     tok = Tokenizer(tokenizer)
     if knowledge is None:
         return tok, None, None
@@ -92,7 +99,8 @@ def prepare_chunk(job: ChunkJob, chunk: Chunk,
     """PARTS/chunk_N.{bin,idx} (and chunk_N.knowledge/) for one chunk, then chunk_N.json, the
     mark that the chunk is finished; returns its counts.  `report(bytes, documents, tokens)`
     is called with increments after every batch."""
-    tok, kg, linker = _resources(job.tokenizer, job.knowledge)
+    files = [job.tokenizer] + ([os.path.join(job.knowledge, "kg.npz")] if job.knowledge else [])
+    tok, kg, linker = _resources(job.tokenizer, job.knowledge, tuple(map(_stamp, files)))
     out = os.path.join(job.parts, chunk.name())
     reader = CorpusReader(chunk.path, start=chunk.start, end=chunk.end, strict_utf8=job.strict_utf8,
                           text_key=job.text_key, max_reported=_MAX_REPORTED)
@@ -139,6 +147,7 @@ def _init_worker(queue) -> None:
     _QUEUE = queue
     # Ctrl-C reaches the whole process group: the main process alone stops the run (and us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
@@ -159,8 +168,9 @@ def _run_chunks(job: ChunkJob, todo: list[Chunk], workers: int, progress: Progre
         for chunk in todo:
             prepare_chunk(job, chunk, progress.update)
         return
-    # spawn, not fork: the caller may hold threads (a test runner, torch) that fork would copy.
-    ctx = multiprocessing.get_context("spawn")
+    # fork starts a worker in milliseconds (spawn: ~0.5 s of imports each, a lot for a 100 MB
+    # corpus), but is unsafe in a process with other threads (a test runner, torch): spawn there.
+    ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
     queue = ctx.Queue()
     pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
                                initargs=(queue,))
