@@ -171,7 +171,8 @@ def main() -> None:
         os.remove(path)
     sizes = sorted(rss)
     if sizes:
-        print(f"peak RSS ratio {sizes[-1]:.0f} MB / {sizes[0]:.0f} MB: {rss[sizes[-1]] / rss[sizes[0]]:.2f} (target <= 1.25)")
+        ratio = rss[sizes[-1]] / rss[sizes[0]]
+        print(f"peak RSS ratio {sizes[-1]:.0f} MB / {sizes[0]:.0f} MB: {ratio:.2f} (target <= 1.25)")
     if not args.keep:
         shutil.rmtree(work)
 
