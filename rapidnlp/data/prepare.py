@@ -32,6 +32,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from queue import Empty
 from typing import Callable, TextIO
 
 from rapidnlp.data.corpus import CorpusReader, document_batches, empty_corpus_message
@@ -176,11 +177,11 @@ def _run_chunks(job: ChunkJob, todo: list[Chunk], workers: int, progress: Progre
                                initargs=(queue,))
 
     def drain() -> None:
-        while not queue.empty():
-            try:
+        try:
+            while True:
                 progress.update(*queue.get_nowait())
-            except Exception:  # queue.Empty: another reader cannot exist, but be safe
-                return
+        except Empty:
+            pass
 
     try:
         pending = {pool.submit(_worker_chunk, job, chunk) for chunk in todo}
