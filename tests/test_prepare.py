@@ -147,7 +147,7 @@ def test_prepare_with_given_tokenizer_and_skipped_lines(tmp_path):
     stats = prepare(str(src), str(tmp_path / "b"), tokenizer_path=first["model"], log=logs.append)
     assert (tmp_path / "b.model").read_bytes() == (tmp_path / "a.model").read_bytes()
     assert stats["tokens"] == first["tokens"]
-    assert stats["skipped_lines"] == 1 and stats["skipped_line_numbers"] == [101]
+    assert stats["skipped_lines"] == 1 and stats["skipped_at"] == [f"{src}:101"]
     assert any("skipped 1 line(s)" in m for m in logs)
     with pytest.raises(UserError, match="not a sentencepiece model"):
         prepare(str(src), str(tmp_path / "bad"), tokenizer_path=str(src), log=lambda m: None)
@@ -156,16 +156,13 @@ def test_prepare_with_given_tokenizer_and_skipped_lines(tmp_path):
 
 def test_prepare_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     src = _small_corpus(tmp_path / "c.txt", n=100)
-    calls = []
 
-    def failing_add(self, seqs):
-        calls.append(1)
-        if len(calls) == 50:
-            raise RuntimeError("disk full")
-        real_add(self, seqs)
+    def failing_add(self, docs):
+        real_add(self, docs[:50])  # half of the documents are written, then the disk fills
+        raise RuntimeError("disk full")
 
-    real_add = prepare_mod.IndexedDatasetWriter.add_document
-    monkeypatch.setattr(prepare_mod.IndexedDatasetWriter, "add_document", failing_add)
+    real_add = prepare_mod.IndexedDatasetWriter.add_documents
+    monkeypatch.setattr(prepare_mod.IndexedDatasetWriter, "add_documents", failing_add)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(str(src), str(tmp_path / "out" / "ds"), vocab_size=500, log=lambda m: None)
     assert os.listdir(tmp_path / "out") == []

@@ -16,7 +16,9 @@ This module only stores token ids; it knows nothing of tokenizers or of how samp
 """
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import struct
 from array import array
 
@@ -93,20 +95,34 @@ class IndexedDatasetWriter:
 
     def add_document(self, sequences) -> None:
         """Append one document: a list of token-id sequences (lists or arrays)."""
+        self.add_documents([sequences])
+
+    def add_documents(self, documents) -> None:
+        """Append many documents at once (one conversion and one write for all of them)."""
         if self._closed:
             raise RuntimeError("add_document() after finalize() or abort()")
-        if len(sequences) == 0:
-            raise ValueError("empty document: a document needs at least one sequence")
-        arrays = [np.asarray(s) for s in sequences]
-        flat = np.concatenate(arrays) if len(arrays) > 1 else arrays[0].reshape(-1)
+        lengths, pieces = [], []
+        for sequences in documents:
+            if len(sequences) == 0:
+                raise ValueError("empty document: a document needs at least one sequence")
+            for s in sequences:
+                lengths.append(len(s))
+                pieces.append(s)
+        if all(isinstance(p, list) for p in pieces):  # what sentencepiece returns: no array per sequence
+            flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(lengths))
+        else:
+            flat = np.concatenate([np.asarray(p).reshape(-1) for p in pieces])
         if self._range is not None and flat.size:
             # astype() would wrap out-of-range ids silently and corrupt the corpus.
             lo, hi = int(flat.min()), int(flat.max())
             if lo < self._range[0] or hi > self._range[1]:
                 raise ValueError(f"token id out of range for {self.dtype}: min {lo}, max {hi}")
         self._bin.write(flat.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._lengths.extend(a.size for a in arrays)
-        self._doc_indices.append(len(self._lengths))
+        end = len(self._lengths)
+        self._lengths.extend(lengths)
+        for sequences in documents:
+            end += len(sequences)
+            self._doc_indices.append(end)
 
     def finalize(self) -> None:
         """Write the index and move both files into place (.bin first, .idx last)."""
@@ -263,3 +279,70 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.sum(dtype=np.int64))
+
+
+def open_same_dtype(prefixes: list[str]) -> list["IndexedDataset"]:
+    """The datasets at `prefixes`; UserError (naming both) if their token dtypes differ."""
+    if not prefixes:
+        raise UserError("merge: no datasets given")
+    sources = [IndexedDataset(p) for p in prefixes]
+    for src in sources[1:]:
+        if src.dtype != sources[0].dtype:
+            raise UserError(f"{src.idx_path}: token dtype {src.dtype}, but {sources[0].idx_path} has "
+                            f"{sources[0].dtype}; datasets tokenized with different vocabularies cannot be merged")
+    return sources
+
+
+def merge_indexed(prefixes: list[str], output: str, *, move: bool = False) -> dict:
+    """Concatenate indexed datasets into OUTPUT.bin/.idx: documents and sequences in order, as
+    Megatron's merge_datasets.py does, so the result has the bytes a single writer would give.
+
+    Memory stays bounded by one source's index (streamed in blocks).  Datasets of different
+    dtypes are refused (UserError naming both).  Written under temporary names, .idx last.
+    move=True with one source renames its files instead of copying them.
+    """
+    sources = open_same_dtype(prefixes)
+    dtype = sources[0].dtype
+    bin_path, idx_path = _paths(output)
+    parent = os.path.dirname(bin_path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    num_seq = sum(len(s) for s in sources)
+    num_docs = sum(s.num_documents for s in sources)
+    if move and len(sources) == 1:
+        remove_quietly(idx_path)
+        os.replace(_paths(prefixes[0])[0], bin_path)
+        os.replace(_paths(prefixes[0])[1], idx_path)
+        return {"sequences": num_seq, "documents": num_docs, "dtype": str(dtype)}
+    bin_tmp, idx_tmp = temp_name(bin_path), temp_name(idx_path)
+    block = 1 << 20
+    try:
+        with open(bin_tmp, "wb") as out:
+            for src in sources:
+                with open(src.bin_path, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        with open(idx_tmp, "wb") as f:
+            f.write(_MAGIC + struct.pack("<Q", _VERSION) + struct.pack("<B", _DTYPE_TO_CODE[dtype])
+                    + struct.pack("<Q", num_seq) + struct.pack("<Q", num_docs + 1))
+            for src in sources:
+                f.write(src.sequence_lengths.tobytes())
+            offset = 0
+            for src in sources:
+                for a in range(0, len(src), block):
+                    f.write((src.sequence_pointers[a:a + block] + offset).tobytes())
+                offset += os.path.getsize(src.bin_path)
+            f.write(np.zeros(1, np.int64).tobytes())
+            offset = 0
+            for src in sources:
+                di = src.document_indices
+                for a in range(1, len(di), block):
+                    f.write((di[a:a + block] + offset).tobytes())
+                offset += len(src)
+        remove_quietly(idx_path)
+        os.replace(bin_tmp, bin_path)
+        os.replace(idx_tmp, idx_path)
+    except BaseException:
+        remove_quietly(bin_tmp)
+        remove_quietly(idx_tmp)
+        raise
+    return {"sequences": num_seq, "documents": num_docs, "dtype": str(dtype)}

@@ -186,27 +186,30 @@ def linked_triples(kg: KnowledgeGraph, entities: np.ndarray, cap: int) -> np.nda
     return np.asarray((both + subject)[:cap], dtype=np.int32)
 
 
-def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker: EntityLinker,
-                      tokenizer: Tokenizer, *, workers: int = 1, max_triples: int = 16,
-                      strict_utf8: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Link, tokenize and write the side-streams of a corpus into out_dir (see the module doc)."""
-    start = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    reader = CorpusReader(corpus_path, strict_utf8=strict_utf8)
-    encoder = AlignedEncoder(tokenizer)
-    etype = kg.entity_type.astype(np.int64)
-    tokens_w = IndexedDatasetWriter(os.path.join(out_dir, "tokens"), dtype_for_vocab(tokenizer.vocab_size))
-    tags_w = IndexedDatasetWriter(os.path.join(out_dir, "tags"), np.uint8)
-    if 1 + 2 * len(kg.type_names) > 255:
-        raise UserError(f"{len(kg.type_names)} entity types; at most 127 fit one tag byte")
-    seq_ptr, mention_rows, trip_ptr, trip_ids = [0], [], [0], []
-    stats = {"sentences": 0, "tokens": 0, "mentions": 0, "mention_tokens": 0, "linked_triples": 0}
+class SidestreamWriter:
+    """Links and tokenizes batches of documents into the side-stream files of out_dir (see the
+    module doc); `finalize` commits them, the token stream's .idx last."""
 
-    def link_and_write(batch: list[list[str]]) -> None:
+    def __init__(self, out_dir: str, kg: KnowledgeGraph, linker: EntityLinker, tokenizer: Tokenizer, *,
+                 workers: int = 1, max_triples: int = 16):
+        if 1 + 2 * len(kg.type_names) > 255:
+            raise UserError(f"{len(kg.type_names)} entity types; at most 127 fit one tag byte")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.kg, self.linker = out_dir, kg, linker
+        self.workers, self.max_triples = workers, max_triples
+        self.encoder = AlignedEncoder(tokenizer)
+        self.etype = kg.entity_type.astype(np.int64)
+        self.tokens_w = IndexedDatasetWriter(os.path.join(out_dir, "tokens"), dtype_for_vocab(tokenizer.vocab_size))
+        self.tags_w = IndexedDatasetWriter(os.path.join(out_dir, "tags"), np.uint8)
+        self.seq_ptr, self.mention_rows, self.trip_ptr, self.trip_ids = [0], [], [0], []
+        self.stats = {"sentences": 0, "tokens": 0, "mentions": 0, "mention_tokens": 0, "linked_triples": 0}
+
+    def add(self, batch: list[list[str]]) -> None:
+        stats, etype = self.stats, self.etype
         sentences = [s for doc in batch for s in doc]
-        offsets, matches = linker.link_batch(sentences, workers=workers)
+        offsets, matches = self.linker.link_batch(sentences, workers=self.workers)
         per = [matches[offsets[i]:offsets[i + 1]] for i in range(len(sentences))]
-        encoded = encoder.encode(sentences, [m[:, :2] for m in per], num_threads=max(workers, 1))
+        encoded = self.encoder.encode(sentences, [m[:, :2] for m in per], num_threads=max(self.workers, 1))
         k = 0
         for doc in batch:
             seqs, tags = [], []
@@ -229,34 +232,61 @@ def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker
                     rows[:, 0:2] = tok_spans
                     rows[:, 2:4] = m[:, 0:2]
                     rows[:, 4] = m[:, 3]
-                mention_rows.append(rows)
-                seq_ptr.append(seq_ptr[-1] + len(m))
-                trips = linked_triples(kg, m[:, 3], max_triples)
-                trip_ids.append(trips)
-                trip_ptr.append(trip_ptr[-1] + len(trips))
+                self.mention_rows.append(rows)
+                self.seq_ptr.append(self.seq_ptr[-1] + len(m))
+                trips = linked_triples(self.kg, m[:, 3], self.max_triples)
+                self.trip_ids.append(trips)
+                self.trip_ptr.append(self.trip_ptr[-1] + len(trips))
                 stats["sentences"] += 1
                 stats["tokens"] += len(ids)
                 stats["mentions"] += len(m)
                 stats["linked_triples"] += len(trips)
             if seqs:
-                tokens_w.add_document(seqs)
-                tags_w.add_document(tags)
+                self.tokens_w.add_document(seqs)
+                self.tags_w.add_document(tags)
 
+    def finalize(self) -> dict:
+        try:
+            mentions = np.concatenate(self.mention_rows) if self.mention_rows else np.zeros((0, 5), np.int64)
+            save_mentions(os.path.join(self.out_dir, "mentions.npz"), np.asarray(self.seq_ptr, np.int64), mentions,
+                          np.asarray(self.trip_ptr, np.int64),
+                          np.concatenate(self.trip_ids) if self.trip_ids else np.zeros(0, np.int32),
+                          tag_names(self.kg))
+            self.tags_w.finalize()
+            self.tokens_w.finalize()  # the token stream's .idx last: it is what marks the folder complete
+        except BaseException:
+            self.abort()
+            raise
+        return self.stats
+
+    def abort(self) -> None:
+        self.tokens_w.abort()
+        self.tags_w.abort()
+
+
+def save_mentions(path: str, seq_ptr: np.ndarray, mentions: np.ndarray, triple_ptr: np.ndarray,
+                  triples: np.ndarray, names: list[str]) -> None:
+    """mentions.npz (the layout KnowledgeSamples reads), atomically; numpy writes the same bytes
+    for the same arrays (fixed zip timestamps), so prepares can be compared byte for byte."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, seq_ptr=seq_ptr, mentions=mentions, triple_ptr=triple_ptr, triples=triples,
+                 tag_names=np.array(names))
+
+
+def build_sidestreams(corpus_path: str, out_dir: str, kg: KnowledgeGraph, linker: EntityLinker,
+                      tokenizer: Tokenizer, *, workers: int = 1, max_triples: int = 16,
+                      strict_utf8: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Link, tokenize and write the side-streams of one corpus file into out_dir, in this process."""
+    start = time.perf_counter()
+    reader = CorpusReader(corpus_path, strict_utf8=strict_utf8)
+    writer = SidestreamWriter(out_dir, kg, linker, tokenizer, workers=workers, max_triples=max_triples)
     try:
         for batch in document_batches(reader, _BATCH_SENTENCES):
-            link_and_write(batch)
-        mentions = np.concatenate(mention_rows) if mention_rows else np.zeros((0, 5), np.int64)
-        with atomic_open(os.path.join(out_dir, "mentions.npz"), "wb") as f:
-            np.savez(f, seq_ptr=np.asarray(seq_ptr, np.int64), mentions=mentions,
-                     triple_ptr=np.asarray(trip_ptr, np.int64),
-                     triples=np.concatenate(trip_ids) if trip_ids else np.zeros(0, np.int32),
-                     tag_names=np.array(tag_names(kg)))
-        tags_w.finalize()
-        tokens_w.finalize()  # the token stream's .idx last: it is what marks the folder complete
+            writer.add(batch)
     except BaseException:
-        tokens_w.abort()
-        tags_w.abort()
+        writer.abort()
         raise
+    stats = writer.finalize()
     stats["skipped_lines"] = reader.num_skipped
     stats["seconds"] = round(time.perf_counter() - start, 3)
     with open(os.path.join(out_dir, "sidestreams.json"), "w", encoding="utf-8") as f:
