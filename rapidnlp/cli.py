@@ -130,11 +130,11 @@ def _run_worker(config, resume: str | None) -> int:
 
 
 def _parse_layout(text: str) -> dict[str, int]:
-    layout = {"tp": 1, "dp": 1, "zero": 0, "hsdp_shard": 0}
+    layout = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, "hsdp_shard": 0}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in layout or not value.isdigit():
-            raise UserError(f"--layout '{text}': expected e.g. tp=2,dp=8,zero=3 (keys: {', '.join(layout)})")
+            raise UserError(f"--layout '{text}': expected e.g. tp=2,pp=2,dp=8,zero=3 (keys: {', '.join(layout)})")
         layout[key] = int(value)
     return layout
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter counts of the configs, computed on the meta device")
     p.add_argument("--config", help="one TOML config (default: every config in configs/)")
     p.add_argument("--vocab-size", type=int, default=30592, help="vocabulary for configs that take it from the tokenizer")
-    p.add_argument("--layout", help="per-rank memory at a layout, e.g. tp=2,dp=8,zero=3[,hsdp_shard=4]")
+    p.add_argument("--layout", help="per-rank memory at a layout, e.g. tp=2,pp=2,dp=8,zero=3[,hsdp_shard=4] (pp: the fullest stage)")
     p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM)")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT")

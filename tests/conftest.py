@@ -56,6 +56,24 @@ def base_overrides(run_dir) -> dict:
     }
 
 
+def assert_state_memory_estimated(rows, overrides: dict, world: int, rel: float = 0.03) -> None:
+    """`rapidnlp params --layout`'s accounting (rapidnlp.train.memory.estimate_state_bytes, what the
+    planner uses) against the parameter, gradient and optimizer bytes rank 0 really held."""
+    from rapidnlp.config import Config, apply, resolve_layout
+    from rapidnlp.train.memory import estimate_state_bytes
+
+    config = Config()
+    for name, value in {**base_overrides("unused"), **overrides}.items():
+        apply(config, *name.split("."), value, "test")
+    config.model.vocab_size = 1000  # the pd_dataset tokenizer's
+    resolve_layout(config, world)
+    p = config.parallel
+    est = estimate_state_bytes(config, tp=p.tp, pp=p.pp, dp=p.dp, zero=p.zero, hsdp_shard=p.hsdp_shard,
+                               virtual=p.pp_virtual_stages, schedule=p.pp_schedule, pp_rank=0)
+    for key, value in est.items():  # FSDP pads shards, ZeRO-1 partitions whole tensors, step counters
+        assert rows[-1][key] == pytest.approx(value, rel=rel), (key, rows[-1][key], value)
+
+
 FP16 = {"train.precision": "fp16", "train.loss_scale": 1024.0}
 TOY_SHORT = {"train.steps": 10, "train.eval_interval": 5, "objectives.toy": 0.5}
 # Every single-process run the equivalence suites compare against or check, in one launched world.
