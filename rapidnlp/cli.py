@@ -1,4 +1,4 @@
-"""The `rapidnlp` command: prepare, pretrain, params, convert, ckpt, knowledge, finetune, predict.
+"""The `rapidnlp` command: prepare, pretrain, params, plan, convert, ckpt, knowledge, finetune, predict.
 
 User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -175,6 +175,35 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from rapidnlp.config import load_config
+    from rapidnlp.plan.cost import Cluster
+    from rapidnlp.plan.hardware import gpu
+    from rapidnlp.plan.search import Planner, gpt_config, table, write_config
+
+    if bool(args.config) == bool(args.gpt):
+        raise UserError("plan: give --config FILE or --gpt LAYERS,HIDDEN,HEADS (one of them)")
+    if args.gpt:
+        shape = args.gpt.split(",")
+        if len(shape) != 3 or not all(x.isdigit() and int(x) > 0 for x in shape):
+            raise UserError(f"--gpt '{args.gpt}': expected LAYERS,HIDDEN,HEADS, e.g. 24,2304,24")
+        config = gpt_config(*map(int, shape), seq=args.seq or 2048)
+    else:
+        config = load_config(args.config)
+        if args.seq:
+            config.data.seq_len = config.model.max_position_embeddings = args.seq
+    global_batch = args.global_batch or config.train.global_batch
+    cluster = Cluster(gpu(args.gpu), args.gpus_per_node, args.intra_gbps, args.inter_gbps)
+    planner = Planner(config, cluster, causal=bool(args.gpt))
+    preds = planner.plan(args.gpus, global_batch)
+    print(f"{len(preds)} layouts of {args.gpus} x {cluster.gpu.name} ({cluster.gpu.hbm_gib:g} GiB), global batch "
+          f"{global_batch}, seq {planner.shape.seq}; {sum(q.fits for q in preds)} fit")
+    print(table(preds, cluster.gpu.peak_flops, args.top))
+    write_config(planner, preds[0], global_batch, args.output)
+    print(f"best: {preds[0].layout.name()} -> {args.output} (rapidnlp pretrain --config {args.output})")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from rapidnlp.convert import folders
 
@@ -246,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="one TOML config (default: every config in configs/)")
     p.add_argument("--vocab-size", type=int, default=30592, help="vocabulary for configs that take it from the tokenizer")
     p.add_argument("--layout", help="per-rank memory at a layout, e.g. tp=2,pp=2,dp=8,zero=3[,hsdp_shard=4] (pp: the fullest stage)")
+
+    p = sub.add_parser("plan", help="rank the layouts of a model on N GPUs by predicted throughput; write the best")
+    p.add_argument("--config", help="TOML config of the model (its train.global_batch unless --global-batch)")
+    p.add_argument("--gpt", help="a GPT-shaped model instead: LAYERS,HIDDEN,HEADS (causal, vocab 51200, seq 2048)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu", default="a100-80g", help="a100-40g, a100-80g, h100, h100-pcie or h200")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-gbps", type=float, default=0.0, help="all-reduce bus bandwidth inside a node, GB/s")
+    p.add_argument("--inter-gbps", type=float, default=0.0, help="bus bandwidth per GPU across nodes, GB/s")
+    p.add_argument("--global-batch", type=int, default=0)
+    p.add_argument("--seq", type=int, default=0, help="sequence length (default: the config's data.seq_len)")
+    p.add_argument("--top", type=int, default=15, help="rows of the table")
+    p.add_argument("--output", default="plan.toml", help="where the best layout's config goes")
     p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM)")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT")
@@ -281,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        handlers = {"prepare": _prepare, "params": _params, "convert": _convert, "ckpt": _ckpt,
+        handlers = {"prepare": _prepare, "params": _params, "plan": _plan, "convert": _convert, "ckpt": _ckpt,
                     "finetune": _finetune, "predict": _predict, "knowledge": _knowledge}
         return handlers[args.command](args)
     except UserError as e:
