@@ -1,4 +1,4 @@
-"""The `rapidnlp` command: prepare, pretrain, params, plan, convert, ckpt, knowledge, finetune, predict.
+"""The `rapidnlp` command: prepare, pretrain, params, plan, bench, convert, ckpt, knowledge, finetune, predict.
 
 User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -204,6 +204,27 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from rapidnlp.plan import bench
+
+    if args.merge:
+        rows = [row for folder in args.merge for row in bench.read_results(folder)]
+    elif args.collect:
+        rows = [bench.collect(d, args.model, args.gpu) for d in args.collect]
+    else:
+        if not args.config:
+            raise UserError("bench: give --config FILE (or --collect RUN_DIR... / --merge DIR...)")
+        layouts, worlds = bench.parse_layouts(args.layouts), bench.parse_worlds(args.world)
+        scalings = ["weak", "strong"] if args.scaling == "both" else [args.scaling]
+        model = args.model if args.model != "model" else os.path.splitext(os.path.basename(args.config))[0]
+        run_dirs = bench.run_sweep(args.config, layouts, worlds, args.steps, args.output, scalings, extra)
+        rows = [bench.collect(d, model, args.gpu) for d in run_dirs]
+    bench.write_report(rows, args.output)
+    print(f"wrote {args.output}/results.csv, results.md, throughput.png, efficiency.png ({len(rows)} rows, "
+          f"{sum(r['status'] == 'ok' for r in rows)} ok)")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from rapidnlp.convert import folders
 
@@ -288,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=0, help="sequence length (default: the config's data.seq_len)")
     p.add_argument("--top", type=int, default=15, help="rows of the table")
     p.add_argument("--output", default="plan.toml", help="where the best layout's config goes")
+
+    p = sub.add_parser("bench", help="train over layouts and world sizes; CSV, markdown table and plots "
+                                     "(extra --section.field value pairs go to every run)")
+    p.add_argument("--config", help="TOML config every run starts from")
+    p.add_argument("--layouts", default="dp", help="';'-separated layouts, e.g. 'dp;tp2;pp2;tp2,zero3'")
+    p.add_argument("--world", default="1,2", help="world sizes, e.g. 1,2,4 (layouts that do not divide are skipped)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--scaling", choices=["weak", "strong", "both"], default="weak",
+                   help="weak: global batch x world; strong: the config's global batch at every size")
+    p.add_argument("--output", default="bench", help="report folder")
+    p.add_argument("--model", default="model", help="the model's name in the report (default: the config's)")
+    p.add_argument("--gpu", default="", help="add the planner's prediction for this GPU (e.g. a100-80g)")
+    p.add_argument("--collect", nargs="+", help="report existing run folders instead of training")
+    p.add_argument("--merge", nargs="+", help="merge report folders (their results.csv) into --output")
     p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM)")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT")
@@ -321,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args, extra)
+        if args.command == "bench":
+            return _bench(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         handlers = {"prepare": _prepare, "params": _params, "plan": _plan, "convert": _convert, "ckpt": _ckpt,
