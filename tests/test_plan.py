@@ -164,7 +164,9 @@ def test_a_model_that_fits_only_with_zero3():
     assert preds[0].layout.zero == 3
 
 
-def test_plan_writes_a_config_pretrain_accepts(tmp_path):
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_plan_writes_a_config_pretrain_runs(pd_dataset, tmp_path):
     out = tmp_path / "best.toml"
     res = run_cli("plan", "--config", "configs/tiny.toml", "--gpus", "2", "--gpu", "h100", "--output", str(out))
     assert res.returncode == 0, res.stderr
@@ -173,6 +175,12 @@ def test_plan_writes_a_config_pretrain_accepts(tmp_path):
     resolve_layout(config, 2)
     p = config.parallel
     assert p.tp * p.pp * p.dp == 2 and config.model.num_layers == 4 and config.train.global_batch == 32
+    run_dir = tmp_path / "run"
+    res = run_cli("pretrain", "--config", str(out), "--nproc", "2", "--data.path", pd_dataset, "--train.steps", "2",
+                  "--train.run_dir", str(run_dir), "--train.eval_interval", "0", "--checkpoint.enabled", "false",
+                  timeout=250)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_bad_input_is_one_line():

@@ -32,7 +32,9 @@ class Planner:
     def __init__(self, config: Config, cluster: Cluster, *, causal: bool = False):
         from rapidnlp.train.memory import meta_model
 
-        self.config, self.cluster, self.causal = config, cluster, causal
+        self.source = config  # what the written config starts from (vocabulary left to the tokenizer)
+        self.config, self.cluster, self.causal = copy.deepcopy(config), cluster, causal
+        config = self.config
         m, seq = config.model, config.data.seq_len
         if m.vocab_size == 0:
             m.vocab_size = 30592  # as `rapidnlp params`: configs that take it from the tokenizer
@@ -60,10 +62,11 @@ class Planner:
         state = state_bytes(count, dp=layout.dp, zero=layout.zero)
         return predict(self.shape, layout, self.cluster, global_batch, state=state, terms=terms)
 
-    def layout_config(self, layout: Layout, global_batch: int) -> Config:
-        """The config that runs `layout`; UserError where the engine refuses it."""
-        config = copy.copy(self.config)  # only the parallel and train sections change
-        config.parallel, config.train = copy.copy(self.config.parallel), copy.copy(self.config.train)
+    def layout_config(self, layout: Layout, global_batch: int, base: Config | None = None) -> Config:
+        """`base` (the planned model's config) running `layout`; UserError where the engine refuses it."""
+        base = base or self.config
+        config = copy.copy(base)  # only the parallel and train sections change
+        config.parallel, config.train = copy.copy(base.parallel), copy.copy(base.train)
         p, t = config.parallel, config.train
         p.tp, p.pp, p.dp, p.zero = layout.tp, layout.pp, layout.dp, layout.zero
         p.pp_schedule, p.pp_virtual_stages, p.pp_split = layout.schedule, layout.virtual, list(layout.split)
@@ -127,4 +130,7 @@ def write_config(planner: Planner, best: Prediction, global_batch: int, path: st
     with open(path, "w") as f:
         f.write(f"# written by `rapidnlp plan`: {best.layout.name()}, predicted {best.tokens_per_s:,.0f} tokens/s, "
                 f"{best.peak_bytes / 2**30:.1f} GiB per GPU\n")
-        f.write(to_toml(planner.layout_config(best.layout, global_batch)))
+        config = planner.layout_config(best.layout, global_batch, base=copy.deepcopy(planner.source))
+        if config.data.tokenizer == config.data.path + ".model":
+            config.data.tokenizer = ""  # derived again from data.path, which a run may override
+        f.write(to_toml(config))
