@@ -8,7 +8,7 @@ Each world size is launched once (real processes over gloo) and runs all its lay
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_state_memory_estimated, base_overrides, launch_world
+from conftest import REPO, assert_memory_estimated, base_overrides, launch_world
 
 WORKER = str(REPO / "tests" / "train_worker.py")
 STEPS = 20
@@ -133,6 +133,6 @@ def test_tp_shards_are_one_over_tp(curves):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("layout", [name for n in (2, 4) for name in LAYOUTS[n]])
-def test_state_memory_estimate_matches_measurement(curves, layout, optimizer):
+def test_memory_estimate_matches_measurement(curves, layout, optimizer):
     world = next(n for n, layouts in LAYOUTS.items() if layout in layouts)
-    assert_state_memory_estimated(curves[f"{layout}/{optimizer}"], LAYOUTS[world][layout], world)
+    assert_memory_estimated(curves[f"{layout}/{optimizer}"], LAYOUTS[world][layout], world)

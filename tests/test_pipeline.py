@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FP16, REPO, TOY_SHORT, assert_state_memory_estimated, base_overrides, launch_world
+from conftest import FP16, REPO, TOY_SHORT, assert_memory_estimated, base_overrides, launch_world
 from rapidnlp.config import Config, apply, resolve_layout
 from rapidnlp.errors import UserError
 
@@ -95,10 +95,10 @@ def test_pipeline_matches_single_process(curves, layout):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_state_memory_estimate_matches_measurement(curves, layout):
+def test_memory_estimate_matches_measurement(curves, layout):
     """Rank 0's stages: the pp split, the placement of interleaved and V schedules, the tied copy."""
     world = next(n for n, layouts in WORLDS.items() if layout in layouts)
-    assert_state_memory_estimated(curves[layout]["rows"], OVERRIDES[layout], world)
+    assert_memory_estimated(curves[layout]["rows"], OVERRIDES[layout], world)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ memory each stage holds."""
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_state_memory_estimated, base_overrides, launch_world
+from conftest import REFERENCE_RUNS, REPO, assert_memory_estimated, base_overrides, launch_world
 from test_layouts import STEPS
 
 WORKER = str(REPO / "tests" / "train_worker.py")
@@ -100,7 +100,15 @@ def test_memory_per_zero_stage(curves):
 @pytest.mark.parametrize("world, run", [(n, run) for n, runs in RUNS.items() for run in runs])
 def test_memory_estimate_matches_measurement(curves, world, run):
     """The accounting `rapidnlp params --layout` and the planner use, against what the ranks held."""
-    assert_state_memory_estimated(curves[run["name"]], run["overrides"], world)
+    assert_memory_estimated(curves[run["name"]], run["overrides"], world)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("run", [r for r in REFERENCE_RUNS if not r["name"].endswith("_again")], ids=lambda r: r["name"])
+def test_single_process_memory_estimate_matches_measurement(curves, run):
+    """The reference runs: activation checkpointing modes, bf16 and fp16 autocast, the toy objective."""
+    assert_memory_estimated(curves[run["name"]], run["overrides"], 1)
 
 
 @pytest.mark.slow

@@ -140,14 +140,11 @@ def collect(run_dir: str, model: str, gpu_key: str = "") -> dict:
 
 
 def predicted_tokens_per_s(config: Config, gpu_key: str) -> float:
-    from rapidnlp.plan.cost import Cluster, Layout
+    from rapidnlp.plan.cost import Cluster
     from rapidnlp.plan.hardware import gpu
-    from rapidnlp.plan.search import Planner
+    from rapidnlp.plan.search import Planner, layout_of
 
-    p, t = config.parallel, config.train
-    layout = Layout(p.tp, p.pp, p.dp, p.zero, t.micro_batch, p.pp_schedule, p.pp_virtual_stages,
-                    t.activation_checkpoint, p.sequence_parallel, tuple(p.pp_split))
-    return Planner(config, Cluster(gpu(gpu_key))).predict(layout, t.global_batch).tokens_per_s
+    return Planner(config, Cluster(gpu(gpu_key))).predict(layout_of(config), config.train.global_batch).tokens_per_s
 
 
 def with_efficiency(rows: list[dict]) -> list[dict]:

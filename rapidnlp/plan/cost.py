@@ -38,6 +38,8 @@ class Shape:
     seq: int
     head_flops: float  # training FLOPs of the heads per sequence (model/flops.py)
     predicted: int  # positions the LM head scores per sequence (GPT: all; BERT: the masked slots)
+    compute_bytes: int = BF16  # what the matmuls' saved inputs are held in (fp32 runs: 4)
+    dropout: bool = False  # dropout masks (1 byte per element) saved
 
     @property
     def head_dim(self) -> int:
@@ -55,7 +57,8 @@ class Layout:
     virtual: int = 1
     checkpoint: str = "none"  # none | selective | full
     sequence_parallel: bool = True
-    split: tuple = ()  # layers per stage; (): balanced by time, as the engine balances by FLOPs
+    split: tuple = ()  # layers per stage; (): balanced by FLOPs, as the engine balances them
+    checkpoint_every: int = 1  # full: every k-th block
 
     def name(self) -> str:
         pipe = f" pp{self.pp}" + (f"x{self.virtual}" if self.virtual > 1 else "") + (
@@ -133,8 +136,9 @@ def layer_gemms(shape: Shape, layout: Layout, gpu: GPU) -> tuple[float, float]:
     return dense + core, core
 
 
-def activation_bytes(shape: Shape, layout: Layout, mode: str | None = None) -> float:
-    """Bytes one layer saves for backward per micro-batch on one tp rank (Korthikanti et al.,
+def elementwise_bytes(shape: Shape, layout: Layout, mode: str | None = None) -> float:
+    """The element-wise traffic unit of one layer and micro-batch on one tp rank: the bytes a
+    Megatron-style layer (unfused attention softmax) saves for backward (Korthikanti et al.,
     "Reducing Activation Recomputation in Large Transformer Models", 2022, bf16, with dropout):
     s b h (34 + 5 a s / h) / t under sequence parallelism, s b h (10 + 24 / t + 5 a s / (h t))
     without it; `selective` drops the attention core's 5 a s / h, `full` keeps the block input."""
@@ -152,12 +156,12 @@ def _layer_time(shape: Shape, layout: Layout, cluster: Cluster, terms: set) -> d
     """Seconds of one layer, one micro-batch, forward + backward (+ recompute), by part."""
     gpu = cluster.gpu
     gemm, core = layer_gemms(shape, layout, gpu)
-    saved = activation_bytes(shape, layout, "none")
+    saved = elementwise_bytes(shape, layout, "none")
     recompute = {"none": 0.0, "selective": core, "full": gemm}[layout.checkpoint]
     # every element-wise op reads its input and writes its output forward (2 passes over the
     # saved bytes), and backward reads the saved tensor and the incoming gradient and writes the
     # outgoing one (3 passes); recomputation repeats the forward passes of what it recomputes
-    recomputed = {"none": 0.0, "full": saved, "selective": saved - activation_bytes(shape, layout, "selective")}
+    recomputed = {"none": 0.0, "full": saved, "selective": saved - elementwise_bytes(shape, layout, "selective")}
     elementwise = (5 * saved + 2 * recomputed[layout.checkpoint]) / gpu.hbm_bytes_per_s
     t = layout.tp
     tp = 0.0
@@ -269,20 +273,87 @@ def _dp_time(layout: Layout, cluster: Cluster, state: dict, mb_s: float, m: int)
     return max(0.0, reduce / 2 - hidden) + m * max(0.0, 2 * gather - mb_s)
 
 
-def _memory(shape: Shape, layout: Layout, state: dict, m: int) -> dict:
-    """The fullest rank at its peak: state, the bf16 weight copies autocast keeps, the activations
-    of the micro-batches in flight on the first pp rank (1F1B: p; interleaved: p (1 + (p - 1) /
-    (p v)); GPipe: all), one layer recomputed, and the last stage's fp32 logits."""
+def layer_saved_bytes(shape: Shape, layout: Layout, mode: str = "none") -> float:
+    """Bytes one block of this engine (rapidnlp/model/bert.py: LayerNorms, q/k/v/output and MLP
+    linears, SDPA) saves for backward per micro-batch on one tp rank: the two LayerNorms' inputs
+    (the fp32 residual stream, a sequence shard under sequence parallelism) and statistics, the
+    LayerNorm outputs the linears take (whole: all-gathered under sequence parallelism), q, k,
+    v and the attention output, fc1's output and GELU's (tp shards), SDPA's log-sum-exp (flash and
+    memory-efficient attention keep no s^2 probabilities) and, with dropout, 1-byte masks. `full`
+    keeps only the block's input; `selective` recomputes the attention core (its q, k, v stay:
+    they are the checkpoint's inputs)."""
+    s, b, h, t = shape.seq, layout.micro_batch, shape.hidden, layout.tp
+    x = s * b * h
+    shard = t if layout.sequence_parallel and t > 1 else 1
+    if mode == "full":
+        return FP32 * x / shard
+    stats = 2 * 2 * s * b / shard * FP32
+    masks = 2 * x / shard if shape.dropout else 0.0
+    # fp32: q, k, v share the LayerNorm output they save; under autocast each casts it anew
+    norm_outputs = 2 if shape.compute_bytes == FP32 else 4
+    linears = shape.compute_bytes * (norm_outputs * x + 4 * x / t + 2 * s * b * shape.ffn / t)
+    core = b * shape.heads * s / t * FP32 if mode == "none" else 0.0
+    return FP32 * 2 * x / shard + stats + masks + linears + core
+
+
+def head_saved_bytes(shape: Shape, layout: Layout) -> float:
+    """The last stage's final LayerNorm input and LM head per micro-batch: the gathered rows
+    (index and the head's inputs) and the fp32 log-probabilities the loss keeps."""
+    b, t = layout.micro_batch, layout.tp
+    shard = t if layout.sequence_parallel and t > 1 else 1
+    rows = b * shape.predicted
+    return (FP32 * shape.seq * b * shape.hidden / shard + rows * shape.hidden * (8 + 4 * shape.compute_bytes)
+            + FP32 * rows * shape.vocab / t)
+
+
+def first_rank_activation_bytes(shape: Shape, layout: Layout, m: int) -> float:
+    """The saved activations on pp rank 0 at their peak (what `mem_activation_bytes` measures):
+    its blocks x the micro-batches in flight there, as torch's schedules run them: 1 without
+    pipelining, GPipe m, 1F1B min(p, m); the interleaved schedules (loop placement, torch's
+    warm-up) (v - 1) r + k (p - 1) + 1 stage forwards (r micro-batches per round, k = 2 for
+    interleaved 1F1B and ZBV, 1 for zero-bubble), a stage being a v-th of the rank's blocks.
+    Under ZBV rank 0 also holds the last stage: its heads for p + 1 micro-batches; the interleaved
+    zero-bubble schedule keeps one stage's linear inputs for its deferred weight gradients (this
+    term was added after comparing with the measurement, test_pipeline.py). Recomputed
+    tensors live only inside backward and are not counted here (see `_memory`)."""
     p, v = layout.pp, layout.virtual
+    split = stage_split(shape, layout)
+    mine = [0, len(split) - 1] if layout.schedule == "zbv" and p > 1 else list(range(0, len(split), p))
+    blocks = sum(split[s] for s in mine)
+    if p == 1:
+        in_flight = 1.0
+    elif layout.schedule == "gpipe":
+        in_flight = m
+    elif layout.schedule == "1f1b" or v == 1:
+        in_flight = min(p, m)
+    else:
+        rounds = max(1, m // p)
+        k = 1 if layout.schedule == "zero_bubble" else 2
+        in_flight = min(m * v, (v - 1) * (m // rounds) + k * (p - 1) + 1) / v
+    per_block = {}
+    every = layout.checkpoint_every if layout.checkpoint == "full" else 1
+    for i in range(blocks):
+        mode = layout.checkpoint if i % every == 0 else "none"
+        per_block[mode] = per_block.get(mode, 0) + 1
+    saved = sum(n * layer_saved_bytes(shape, layout, mode) for mode, n in per_block.items()) * in_flight
+    if layout.schedule == "zero_bubble" and v > 1:
+        # one stage's deferred weight gradients: its linears' inputs outlive the input gradient
+        x, t = shape.seq * layout.micro_batch * shape.hidden, layout.tp
+        per_block_inputs = shape.compute_bytes * (2 * x + x / t + shape.seq * layout.micro_batch * shape.ffn / t)
+        saved += blocks / v * per_block_inputs
+    heads = (1 if p == 1 else p + 1 if layout.schedule == "zbv" else 0) * head_saved_bytes(shape, layout)
+    return saved + heads
+
+
+def _memory(shape: Shape, layout: Layout, state: dict, m: int) -> dict:
+    """The fullest rank at its peak: state, whole parameters during the step under ZeRO-2, the
+    bf16 weight copies autocast keeps (ZeRO 0-2), the saved activations of the first pp rank,
+    one block's activations while it is recomputed, and the last stage's logits (bf16 + fp32)."""
     params = state["mem_params_bytes"] * (layout.dp if layout.zero >= 2 else 1)  # whole, fp32
     whole_params = params if layout.zero == 2 else 0  # FSDP without reshard: whole during the step
-    in_flight = {"gpipe": m, "interleaved1f1b": p * (1 + (p - 1) / (p * v))}.get(layout.schedule, p) if p > 1 else 1
-    in_flight = min(in_flight, m) if layout.schedule != "interleaved1f1b" else in_flight
-    layers = -(-shape.layers // p)
-    saved = layers * activation_bytes(shape, layout) * in_flight
-    if layout.checkpoint == "full":
-        saved += activation_bytes(shape, layout, "none")
+    copies = params // 2 if layout.zero < 3 and shape.compute_bytes == BF16 else 0
+    recompute = layer_saved_bytes(shape, layout) if layout.checkpoint != "none" else 0
     logits = layout.micro_batch * shape.predicted * shape.vocab / layout.tp * (BF16 + FP32)
-    copies = params // 2 if layout.zero < 3 else 0  # ZeRO-3 gathers (and casts) one block at a time
     return {**state, "mem_whole_params_bytes": whole_params, "mem_bf16_copies_bytes": copies,
-            "mem_activation_bytes": int(saved), "mem_logits_bytes": int(logits)}
+            "mem_activation_bytes": int(first_rank_activation_bytes(shape, layout, m)),
+            "mem_recompute_bytes": int(recompute), "mem_logits_bytes": int(logits)}

@@ -45,7 +45,8 @@ class Planner:
             head_flops = sum(p.flops_per_sequence for p in self.model.pieces.values())
             predicted = max_predictions(config)
         self.shape = Shape(m.num_layers, m.hidden_size, m.num_heads, m.ffn_size, m.padded_vocab_size, seq,
-                           head_flops, predicted)
+                           head_flops, predicted, compute_bytes=4 if config.train.precision == "fp32" else 2,
+                           dropout=m.dropout > 0 or m.attention_dropout > 0)
 
     @functools.lru_cache(maxsize=None)
     def _rank_parameters(self, tp: int, pp: int, virtual: int, schedule: str, split: tuple) -> float:
@@ -109,6 +110,13 @@ class Planner:
                 f"smallest needs {least.peak_bytes / 2**30:.1f} GiB per GPU ({least.layout.name()}), "
                 f"{least.usable_bytes / 2**30:.1f} GiB usable; add GPUs or use a larger GPU")
         return preds
+
+
+def layout_of(config: Config) -> Layout:
+    """The layout a (resolved) config runs."""
+    p, t = config.parallel, config.train
+    return Layout(p.tp, p.pp, p.dp, p.zero, t.micro_batch, p.pp_schedule, p.pp_virtual_stages, t.activation_checkpoint,
+                  p.sequence_parallel, tuple(p.pp_split), t.activation_checkpoint_every)
 
 
 def _divisors(n: int) -> list[int]:
