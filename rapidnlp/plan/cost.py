@@ -225,7 +225,7 @@ def predict(shape: Shape, layout: Layout, cluster: Cluster, global_batch: int, *
         # boundaries; a p2p to the next pp rank, tp x dp ranks away
         volume = BF16 * layout.micro_batch * shape.seq * shape.hidden / (t if layout.sequence_parallel else 1)
         span = t * d + 1
-        p2p = 2 * v * (volume / cluster.busbw(span) * 2 + cluster.latency(span))  # p2p: half a ring all-reduce's busbw
+        p2p = 2 * v * (volume / cluster.busbw(span) + cluster.latency(span))  # busbw ~ the link's bandwidth
     mb_s = rank_s + p2p
     bubble = (p - 1) / v * mb_s * BUBBLE_FACTOR[layout.schedule] if p > 1 and "bubble" in terms else 0.0
     pipeline = m * mb_s
