@@ -3,7 +3,7 @@ is known, Megatron-LM's published weak-scaling table (Narayanan et al., SC'21, T
 orderings, the ablation, the written config, and bad input as one line."""
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from rapidnlp.config import load_config, resolve_layout
 from rapidnlp.plan.cost import BUBBLE_FACTOR, TERMS, Cluster, Layout, elementwise_bytes, gemm_time
 from rapidnlp.plan.hardware import GPUS
@@ -193,3 +193,20 @@ def test_bad_input_is_one_line():
     assert "the smallest needs" in res.stderr and "GiB per GPU" in res.stderr
     res = run_cli("plan", "--gpt", "24,2304", "--gpus", "8")
     assert res.returncode == 2 and "--gpt" in res.stderr
+
+
+def test_params_layout_takes_pp():
+    """`rapidnlp params --layout` with a pp key: the fullest stage (the last: its blocks, the heads
+    and its copy of the tied word embedding)."""
+    from rapidnlp.train.memory import estimate_state_bytes
+
+    res = run_cli("params", "--config", "configs/1.5b.toml", "--layout", "tp=2,pp=4,dp=8,zero=1")
+    assert res.returncode == 0, res.stderr
+    params_mib = float(res.stdout.splitlines()[1].split()[-3].replace(",", ""))
+    config = load_config(str(REPO / "configs/1.5b.toml"))
+    config.model.vocab_size = 30592
+    est = estimate_state_bytes(config, tp=2, pp=4, dp=8, zero=1)
+    assert params_mib == pytest.approx(est["mem_params_bytes"] / 2**20, abs=0.1)
+    whole = estimate_state_bytes(config, tp=2)["mem_params_bytes"]
+    embedding = config.model.padded_vocab_size * config.model.hidden_size / 2 * 4
+    assert whole / 4 < est["mem_params_bytes"] < whole / 4 + embedding
