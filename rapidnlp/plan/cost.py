@@ -311,10 +311,10 @@ def first_rank_activation_bytes(shape: Shape, layout: Layout, m: int) -> float:
     its blocks x the micro-batches in flight there, as torch's schedules run them: 1 without
     pipelining, GPipe m, 1F1B min(p, m); the interleaved schedules (loop placement, torch's
     warm-up) (v - 1) r + k (p - 1) + 1 stage forwards (r micro-batches per round, k = 2 for
-    interleaved 1F1B and ZBV, 1 for zero-bubble), a stage being a v-th of the rank's blocks.
-    Under ZBV rank 0 also holds the last stage: its heads for p + 1 micro-batches; the interleaved
-    zero-bubble schedule keeps one stage's linear inputs for its deferred weight gradients (this
-    term was added after comparing with the measurement, test_pipeline.py). Recomputed
+    interleaved 1F1B, 1 for zero-bubble), a stage being a v-th of the rank's blocks. Under ZBV rank 0
+    holds the first stage (min(m, 2p) forwards in flight) and the last (one, with its head). The
+    zero-bubble schedules keep one stage's linear inputs for its deferred weight gradients. The
+    zero-bubble terms were written after comparing with the measurement (test_pipeline.py). Recomputed
     tensors live only inside backward and are not counted here (see `_memory`)."""
     p, v = layout.pp, layout.virtual
     split = stage_split(shape, layout)
@@ -326,6 +326,8 @@ def first_rank_activation_bytes(shape: Shape, layout: Layout, m: int) -> float:
         in_flight = m
     elif layout.schedule == "1f1b" or v == 1:
         in_flight = min(p, m)
+    elif layout.schedule == "zbv":  # the first stage's forwards, and one of the last stage's
+        in_flight = (min(m, 2 * p) * split[0] + split[-1]) / blocks
     else:
         rounds = max(1, m // p)
         k = 1 if layout.schedule == "zero_bubble" else 2
@@ -336,12 +338,12 @@ def first_rank_activation_bytes(shape: Shape, layout: Layout, m: int) -> float:
         mode = layout.checkpoint if i % every == 0 else "none"
         per_block[mode] = per_block.get(mode, 0) + 1
     saved = sum(n * layer_saved_bytes(shape, layout, mode) for mode, n in per_block.items()) * in_flight
-    if layout.schedule == "zero_bubble" and v > 1:
+    if layout.schedule == "zbv" or (layout.schedule == "zero_bubble" and v > 1):
         # one stage's deferred weight gradients: its linears' inputs outlive the input gradient
         x, t = shape.seq * layout.micro_batch * shape.hidden, layout.tp
         per_block_inputs = shape.compute_bytes * (2 * x + x / t + shape.seq * layout.micro_batch * shape.ffn / t)
         saved += blocks / v * per_block_inputs
-    heads = (1 if p == 1 else p + 1 if layout.schedule == "zbv" else 0) * head_saved_bytes(shape, layout)
+    heads = (1 if p == 1 or layout.schedule == "zbv" else 0) * head_saved_bytes(shape, layout)
     return saved + heads
 
 
