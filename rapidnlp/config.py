@@ -257,6 +257,25 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return config
 
 
+def to_toml(config: Config) -> str:
+    """The whole config as TOML that load_config reads back to an equal Config."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v), ensure_ascii=False)
+
+    out = []
+    for section, values in config.to_dict().items():
+        out.append(f"[{section}]")
+        out += [f"{key} = {value(v)}" for key, v in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
 def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
     """`--train.steps 20 --model.fused_kernels=true` -> [(train, steps, 20), (model, fused_kernels, true)]."""
     out = []

@@ -56,6 +56,33 @@ def base_overrides(run_dir) -> dict:
     }
 
 
+def assert_memory_estimated(rows, overrides: dict, world: int) -> None:
+    """The planner's memory accounting against what rank 0 really held: parameter, gradient and
+    optimizer bytes (rapidnlp.train.memory.estimate_state_bytes, also `rapidnlp params --layout`)
+    to 3%, saved activations (rapidnlp.plan.cost.first_rank_activation_bytes) to 10%."""
+    from rapidnlp.config import Config, accumulation_steps, apply, resolve_layout
+    from rapidnlp.plan.cost import Cluster, first_rank_activation_bytes
+    from rapidnlp.plan.hardware import GPUS
+    from rapidnlp.plan.search import Planner, layout_of
+    from rapidnlp.train.memory import estimate_state_bytes
+
+    config = Config()
+    for name, value in {**base_overrides("unused"), **overrides}.items():
+        apply(config, *name.split("."), value, "test")
+    config.model.vocab_size = 1000  # the pd_dataset tokenizer's
+    resolve_layout(config, world)
+    p = config.parallel
+    est = estimate_state_bytes(config, tp=p.tp, pp=p.pp, dp=p.dp, zero=p.zero, hsdp_shard=p.hsdp_shard,
+                               virtual=p.pp_virtual_stages, schedule=p.pp_schedule, pp_rank=0)
+    for key, value in est.items():  # FSDP pads shards, ZeRO-1 partitions whole tensors, step counters
+        assert rows[-1][key] == pytest.approx(value, rel=0.03), (key, rows[-1][key], value)
+    planner = Planner(config, Cluster(GPUS["h100"]))  # the device does not enter the byte counts
+    act = first_rank_activation_bytes(planner.shape, layout_of(config), accumulation_steps(config))
+    if config.train.precision != "fp32":  # autocast's weight copies are saved for backward too
+        act += 2 * est["mem_params_bytes"] / 4 * (p.dp if p.zero >= 2 else 1)
+    assert rows[-1]["mem_activation_bytes"] == pytest.approx(act, rel=0.10), (rows[-1]["mem_activation_bytes"], act)
+
+
 FP16 = {"train.precision": "fp16", "train.loss_scale": 1024.0}
 NAN_GRAD = {"step": 5, "value": "nan", "into": "grad"}  # NaN gradients (finite loss) at step 5
 TOY_SHORT = {"train.steps": 10, "train.eval_interval": 5, "objectives.toy": 0.5}

@@ -48,3 +48,36 @@ def test_torchrun_script_trains_and_resumes(pd_dataset, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["resumed_from"] == 2
+
+
+def test_bench_scaling_sbatch_dry_run():
+    """The 8 -> 64 A100 sweep: per model and size, the planner at that GPU count and weak-scaled
+    batch, then one srun step on the first N nodes for the planned layout and for pure FSDP, each
+    with the job's thread count; one report per model, then the merge."""
+    text = (REPO / "scripts/slurm/bench_scaling.sbatch").read_text()
+    assert "#SBATCH --nodes=8" in text and "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-task=1" in text
+    lines = dry_run("scripts/slurm/bench_scaling.sbatch", OUT="out", SLURM_CPUS_PER_TASK="6").splitlines()
+    assert len(lines) == 2 * (4 * 3 + 1) + 1
+    assert all(line.startswith("OMP_NUM_THREADS=6 ") for line in lines)
+    i = 0
+    for model in ("300m", "1.5b"):
+        for nodes in (1, 2, 4, 8):
+            gpus, batch = 8 * nodes, 128 * nodes
+            plan = f"out/{model}/plan_w{gpus}.toml"
+            assert lines[i] == (f"OMP_NUM_THREADS=6 python -m rapidnlp.cli plan --config configs/{model}.toml --gpus {gpus} "
+                                f"--gpu a100-80g --gpus-per-node 8 --global-batch {batch} --output {plan}")
+            srun = (f"OMP_NUM_THREADS=6 srun --nodes {nodes} --ntasks {gpus} --ntasks-per-node 8 --kill-on-bad-exit=1 "
+                    "--cpu-bind=none python -m rapidnlp.cli pretrain ")
+            tail = (f"--data.path data/demo/pd --train.global_batch {batch} --train.steps 20 --train.run_dir "
+                    f"out/{model}/runs/{{}}_weak_w{gpus} --train.eval_interval 0 --train.log_interval 20 "
+                    "--checkpoint.enabled false")
+            assert lines[i + 1] == srun + f"--config {plan} " + tail.format("best")
+            assert lines[i + 2] == srun + (f"--config configs/{model}.toml --parallel.tp 1 --parallel.pp 1 "
+                                           "--parallel.dp 0 --parallel.zero 3 ") + tail.format("fsdp")
+            i += 3
+        assert lines[i] == (f"OMP_NUM_THREADS=6 python -m rapidnlp.cli bench --collect out/{model}/runs/* --model {model} "
+                            f"--gpu a100-80g --output out/{model}/report")
+        i += 1
+    assert lines[i] == ("OMP_NUM_THREADS=6 python -m rapidnlp.cli bench --merge out/300m/report out/1.5b/report "
+                        "--output out/report")
+    assert not (REPO / "out").exists()  # a dry run writes nothing

@@ -8,7 +8,7 @@ Each world size is launched once (real processes over gloo) and runs all its lay
 import numpy as np
 import pytest
 
-from conftest import REPO, base_overrides, launch_world
+from conftest import REPO, assert_memory_estimated, base_overrides, launch_world
 
 WORKER = str(REPO / "tests" / "train_worker.py")
 STEPS = 20
@@ -127,3 +127,12 @@ def test_tp_shards_are_one_over_tp(curves):
     assert is_tp_sharded("layers.0.mlp.fc1.weight", pieces) and is_tp_sharded("embeddings.word_embeddings.weight", pieces)
     assert not is_tp_sharded("layers.0.mlp.fc2.bias", pieces) and not is_tp_sharded("final_norm.weight", pieces)
     assert is_tp_sharded("lm_head.decoder.weight", pieces) and not is_tp_sharded("lm_head.dense.weight", pieces)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("layout", [name for n in (2, 4) for name in LAYOUTS[n]])
+def test_memory_estimate_matches_measurement(curves, layout, optimizer):
+    world = next(n for n, layouts in LAYOUTS.items() if layout in layouts)
+    assert_memory_estimated(curves[f"{layout}/{optimizer}"], LAYOUTS[world][layout], world)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FP16, NAN_GRAD, REPO, TOY_SHORT, assert_skipped, base_overrides, launch_world
+from conftest import (FP16, NAN_GRAD, REPO, TOY_SHORT, assert_memory_estimated, assert_skipped, base_overrides,
+                      launch_world)
 from rapidnlp.config import Config, apply, resolve_layout
 from rapidnlp.errors import UserError
 
@@ -93,6 +94,17 @@ def test_pipeline_matches_single_process(curves, layout):
         want = _series(ref, key)
         assert len(want) > 0, key
         np.testing.assert_allclose(_series(got, key), want, rtol=1e-4, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.xfail(
+    strict=True, reason="the toy objective's pieces' activations are not modelled: 22% under")) if "toy" in name
+    else name for name in LAYOUTS])
+def test_memory_estimate_matches_measurement(curves, layout):
+    """Rank 0's stages: the pp split, the placement of interleaved and V schedules, the tied copy."""
+    world = next(n for n, layouts in WORLDS.items() if layout in layouts)
+    assert_memory_estimated(curves[layout]["rows"], OVERRIDES[layout], world)
 
 
 @pytest.mark.slow

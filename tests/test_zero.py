@@ -5,7 +5,7 @@ memory each stage holds."""
 import numpy as np
 import pytest
 
-from conftest import NAN_GRAD, REPO, assert_skipped, base_overrides, launch_world
+from conftest import NAN_GRAD, REFERENCE_RUNS, REPO, assert_memory_estimated, assert_skipped, base_overrides, launch_world
 from test_layouts import STEPS
 
 WORKER = str(REPO / "tests" / "train_worker.py")
@@ -99,22 +99,18 @@ def test_memory_per_zero_stage(curves):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name, tp, dp, zero, hsdp_shard", [
-    ("zero0", 1, 2, 0, 0), ("zero1", 1, 2, 1, 0), ("zero2", 1, 2, 2, 0), ("zero3", 1, 2, 3, 0),
-    ("tp2_zero2", 2, 2, 2, 0), ("hsdp", 1, 4, 3, 2)])
-def test_memory_estimate_matches_measurement(curves, name, tp, dp, zero, hsdp_shard):
-    """The accounting `rapidnlp params --layout` uses, against what the ranks really held."""
-    from rapidnlp.config import Config
-    from rapidnlp.train.memory import estimate_state_bytes
+@pytest.mark.parametrize("world, run", [(n, run) for n, runs in RUNS.items() for run in runs])
+def test_memory_estimate_matches_measurement(curves, world, run):
+    """The accounting `rapidnlp params --layout` and the planner use, against what the ranks held."""
+    assert_memory_estimated(curves[run["name"]], run["overrides"], world)
 
-    measured = curves[name][-1]
-    cfg = Config().model
-    cfg.max_position_embeddings = 64
-    cfg.vocab_size = 1000  # the pd_dataset tokenizer's
-    est = estimate_state_bytes(cfg, tp=tp, dp=dp, zero=zero, hsdp_shard=hsdp_shard)
-    # FSDP pads shards to equal sizes, ZeRO-1 partitions whole tensors, optimizers add step counters:
-    for key, value in est.items():
-        assert measured[key] == pytest.approx(value, rel=0.03), (key, measured[key], value)
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("run", [r for r in REFERENCE_RUNS if not r["name"].endswith("_again")], ids=lambda r: r["name"])
+def test_single_process_memory_estimate_matches_measurement(curves, run):
+    """The reference runs: activation checkpointing modes, bf16 and fp16 autocast, the toy objective."""
+    assert_memory_estimated(curves[run["name"]], run["overrides"], 1)
 
 
 @pytest.mark.slow

@@ -16,10 +16,25 @@ def encoder_flops_per_sequence(cfg: ModelConfig, seq_len: int, num_layers: int |
     weighted sum add 2 x 2 s h per token forward (12 s h per token for training). Embedding
     lookups, norms and element-wise work are not counted.
     """
-    h, f = cfg.hidden_size, cfg.ffn_size
     layers = cfg.num_layers if num_layers is None else num_layers
-    per_token = 6 * layers * (4 * h * h + 2 * h * f) + 12 * layers * seq_len * h
-    return float(per_token * seq_len)
+    return layers * layer_flops_per_sequence(cfg.hidden_size, cfg.ffn_size, seq_len)
+
+
+def layer_flops_per_sequence(h: int, f: int, seq_len: int) -> float:
+    """One encoder block, forward + backward, one sequence (see encoder_flops_per_sequence)."""
+    return float((6 * (4 * h * h + 2 * h * f) + 12 * seq_len * h) * seq_len)
+
+
+def recompute_flops_per_sequence(layers: int, h: int, f: int, seq_len: int, mode: str) -> float:
+    """What activation checkpointing adds (hardware FLOPs, not model FLOPs): `full` runs each
+    block's forward again (a third of its training FLOPs), `selective` the attention core's
+    (scores and weighted sum: 4 s^2 h per block). With full recomputation the encoder and the
+    logits give Megatron-LM's count, 96 B s l h^2 (1 + s / 6h + V / 16 l h) (Narayanan et al. 2021)."""
+    if mode == "full":
+        return layers * layer_flops_per_sequence(h, f, seq_len) / 3
+    if mode == "selective":
+        return layers * 4.0 * seq_len * seq_len * h
+    return 0.0
 
 
 def training_flops_per_sequence(cfg: ModelConfig, seq_len: int, pieces=()) -> float:

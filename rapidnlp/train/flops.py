@@ -1,18 +1,15 @@
-"""Device peak FLOPs: the one place they are defined. MFU = achieved model FLOPs
+"""Device peak FLOPs, from the GPU table (rapidnlp/plan/hardware.py). MFU = achieved model FLOPs
 (rapidnlp/model/flops.py) / peak.
 """
 from __future__ import annotations
 
 import torch
 
+from rapidnlp.plan.hardware import GPUS
 
-# Dense bf16 tensor-core peaks per device (no sparsity), in FLOP/s.
-PEAK_BF16_FLOPS = {
-    "A100": 312e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-}
+
+# Dense bf16 tensor-core peaks per device (no sparsity), in FLOP/s: the GPU table's.
+PEAK_BF16_FLOPS = {g.name: g.peak_flops for g in GPUS.values()}
 
 
 def peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | None:

@@ -9,6 +9,7 @@ pipeline schedule change. On GPU, CUDA's max_allocated is reported beside it (me
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -103,24 +104,50 @@ def meta_model(config):
         return build_model(config, build_objectives(config), materialize=False)
 
 
-def estimate_state_bytes(config, *, tp: int = 1, dp: int = 1, zero: int = 0, hsdp_shard: int = 0,
-                         optimizer_slots: int = 2, bytes_per_value: int = 4) -> dict[str, int]:
-    """Per-rank bytes of parameters, gradients and optimizer state held between steps, computed
-    from the model (a Config: with its objectives' modules; a ModelConfig: the plain masked LM)
-    on the meta device and the TP plans (no process group, no memory).
-
-    Tied weights count once. AdamW and LAMB keep two fp32 slots per value. ZeRO divides by dp
-    (by the shard group under HSDP): stage 1 the optimizer state, stage 2 also the gradients and,
-    between steps, the parameters (FSDP2 reshards them after backward; stage 2 differs from 3 in
-    keeping them whole from forward to the end of backward: + the full size at peak).
-    """
-    from rapidnlp.config import Config, ModelConfig
+def rank_parameter_count(model, config, *, tp: int = 1, pp: int = 1, virtual: int = 1, schedule: str = "1f1b",
+                         pp_rank: int | None = None) -> float:
+    """Parameter values one rank holds before ZeRO sharding: its pipeline stages' parameters,
+    the tp-sharded ones divided by tp, from a (meta) model. Stages follow parallel.pp_split or the
+    FLOPs-balanced split and torch's stage placement; a tied copy on another stage than its
+    original is a Parameter of its own there. pp_rank None: the rank that holds the most."""
+    from rapidnlp.parallel.pipeline import SCHEDULES, layer_split, stage_placement
     from rapidnlp.parallel.tensor_parallel import is_tp_sharded
 
-    if isinstance(config, ModelConfig):
-        config = Config(model=config)
-    model = meta_model(config)
-    per_rank = sum(p.numel() / tp if is_tp_sharded(n, model.pieces) else p.numel() for n, p in model.named_parameters())
+    def size(name, p):
+        return p.numel() / tp if is_tp_sharded(name, model.pieces) else p.numel()
+
+    if pp == 1:
+        return float(sum(size(n, p) for n, p in model.named_parameters()))
+    split_config = copy.deepcopy(config)
+    split_config.parallel.pp, split_config.parallel.pp_virtual_stages = pp, virtual
+    counts = layer_split(split_config, model)
+    stages = len(counts)
+    placement = stage_placement(pp, stages, SCHEDULES[schedule][1])
+    layer_stage = {layer: s for s in range(stages) for layer in range(sum(counts[:s]), sum(counts[:s + 1]))}
+
+    def stage_of(name):
+        home = model.home_of(name)
+        return {"first": 0, "last": stages - 1}[home] if isinstance(home, str) else layer_stage[home]
+
+    per_rank = [0.0] * pp
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        per_rank[placement[stage_of(name)]] += size(name, p)
+    for copy_name, original in model.tied_parameters().items():
+        if stage_of(copy_name) != stage_of(original):
+            per_rank[placement[stage_of(copy_name)]] += size(copy_name, params[original])
+    return per_rank[pp_rank] if pp_rank is not None else max(per_rank)
+
+
+def state_bytes(per_rank: float, *, dp: int = 1, zero: int = 0, hsdp_shard: int = 0, optimizer_slots: int = 2,
+                bytes_per_value: int = 4) -> dict[str, int]:
+    """Per-rank bytes of parameters, gradients and optimizer state held between steps, for a rank
+    that holds `per_rank` parameter values before ZeRO sharding.
+
+    AdamW and LAMB keep two fp32 slots per value. ZeRO divides by dp (by the shard group under
+    HSDP): stage 1 the optimizer state, stage 2 also the gradients and, between steps, the
+    parameters (FSDP2 reshards them after backward; stage 2 differs from 3 in keeping them whole
+    from forward to the end of backward: + the full size at peak)."""
     shard = hsdp_shard or dp
     values = {
         "mem_params_bytes": per_rank / (shard if zero >= 2 else 1),
@@ -128,3 +155,19 @@ def estimate_state_bytes(config, *, tp: int = 1, dp: int = 1, zero: int = 0, hsd
         "mem_optimizer_bytes": optimizer_slots * per_rank / (shard if zero >= 1 else 1),
     }
     return {k: int(v * bytes_per_value) for k, v in values.items()}
+
+
+def estimate_state_bytes(config, *, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, hsdp_shard: int = 0,
+                         virtual: int = 1, schedule: str = "1f1b", pp_rank: int | None = None,
+                         optimizer_slots: int = 2, bytes_per_value: int = 4) -> dict[str, int]:
+    """`state_bytes` of one rank, computed from the model (a Config: with its objectives' modules;
+    a ModelConfig: the plain masked LM) on the meta device and the TP plans (no process group, no
+    memory). Tied weights count once per stage that holds them. pp_rank None: the fullest rank."""
+    from rapidnlp.config import Config, ModelConfig
+
+    if isinstance(config, ModelConfig):
+        config = Config(model=config)
+    count = rank_parameter_count(meta_model(config), config, tp=tp, pp=pp, virtual=virtual, schedule=schedule,
+                                 pp_rank=pp_rank)
+    return state_bytes(count, dp=dp, zero=zero, hsdp_shard=hsdp_shard, optimizer_slots=optimizer_slots,
+                       bytes_per_value=bytes_per_value)
