@@ -11,8 +11,9 @@ small BERT and most of its rows would be thrown away.
 
 With `model.fused_kernels = true` (rapidnlp/kernels): LayerNorms run the fused LayerNorm, the
 MLP's fc1 bias rides in the bias-GeLU kernel, and each residual branch's dropout and add are
-one kernel (the branches then skip their own dropout). Parameters and state_dict keys are the
-same either way. Attention stays on SDPA.
+one kernel (the branches then skip their own dropout), and the MLM head returns its transformed
+states for the loss to decode in chunks (the fused linear cross-entropy). Parameters and
+state_dict keys are the same either way. Attention stays on SDPA.
 
 This module knows nothing of parallelism: it imports nothing from torch.distributed.
 Attention reshapes with -1 heads so that column-parallel q/k/v (rapidnlp/parallel/) simply see
@@ -136,19 +137,30 @@ class Block(nn.Module):
 
 class MLMHead(nn.Module):
     """Gathers the hidden states at the masked positions, then transform + vocabulary decoder.
-    A head piece: `(hidden, key_mask, fields) -> logits [b, P, V]`, reading fields["mlm_positions"]."""
+    A head piece: `(hidden, key_mask, fields) -> logits [b, P, V]`, reading fields["mlm_positions"].
+
+    Fused (`model.fused_kernels`): the head returns the transformed hidden states [b, P, h] and the
+    MLM loss applies `decoder` to them chunk by chunk (rapidnlp.pretrain.mlm), so that the logits
+    of all masked tokens never exist at once. `logits()` gives them either way."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = layer_norm(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size)
+        self.fused = cfg.fused_kernels
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor, fields: dict) -> torch.Tensor:
+    def transform(self, hidden: torch.Tensor, fields: dict) -> torch.Tensor:
         positions = fields["mlm_positions"]
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         x = torch.gather(hidden, 1, index)
-        return self.decoder(self.norm(F.gelu(self.dense(x))))
+        return self.norm(F.gelu(self.dense(x)))
+
+    def logits(self, hidden: torch.Tensor, key_mask: torch.Tensor, fields: dict) -> torch.Tensor:
+        return self.decoder(self.transform(hidden, fields))
+
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor, fields: dict) -> torch.Tensor:
+        return self.transform(hidden, fields) if self.fused else self.logits(hidden, key_mask, fields)
 
 
 @dataclass
@@ -341,7 +353,7 @@ class BertForMLM(nn.Module):
         """The MLM head's logits [b, P, V] of the whole model (conversion and reference checks)."""
         fields = {"token_type_ids": token_type_ids, "mlm_positions": mlm_positions}
         hidden = self.encode(input_ids, token_type_ids, attention_mask)
-        return self.lm_head(hidden, attention_mask.bool(), fields)
+        return self.lm_head.logits(hidden, attention_mask.bool(), fields)
 
 
 def _holds(model: nn.Module, name: str) -> bool:
