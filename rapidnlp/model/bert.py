@@ -101,18 +101,25 @@ class Attention(nn.Module):
         return self.dropout(self.dense(out))
 
 
+class BiasLaterLinear(nn.Linear):
+    """nn.Linear (same parameters, state_dict and tensor-parallel plans) whose forward leaves the
+    bias out, for the fused kernel after it to add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_size)
+        self.fc1 = (BiasLaterLinear if cfg.fused_kernels else nn.Linear)(cfg.hidden_size, cfg.ffn_size)
         self.fc2 = nn.Linear(cfg.ffn_size, cfg.hidden_size)
         self.dropout = branch_dropout(cfg)
         self.fused = cfg.fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A tp-sharded fc1 (its weight a DTensor) keeps its own forward, where its sharding hooks run.
-        if self.fused and type(self.fc1.weight) is nn.Parameter:
-            return self.dropout(self.fc2(kernels.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)))
+        if self.fused:  # fc1's bias rides in the bias-GeLU kernel
+            return self.dropout(self.fc2(kernels.bias_gelu(self.fc1(x), self.fc1.bias)))
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))
 
 
@@ -125,12 +132,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.fused = cfg.fused_kernels
         self.residual_dropout = cfg.dropout
+        # (i, n): x is slice i of n equal slices of the sequence (sequence parallelism sets it), so
+        # that the fused dropout draws that slice of the whole sequence's mask.
+        self.sequence_shard = (0, 1)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            p = self.residual_dropout
-            x = kernels.dropout_add(self.attention(self.attention_norm(x), key_mask), x, p, self.training)
-            return kernels.dropout_add(self.mlp(self.mlp_norm(x)), x, p, self.training)
+            p, shard = self.residual_dropout, self.sequence_shard
+            x = kernels.dropout_add(self.attention(self.attention_norm(x), key_mask), x, p, self.training, shard=shard)
+            return kernels.dropout_add(self.mlp(self.mlp_norm(x)), x, p, self.training, shard=shard)
         x = x + self.attention(self.attention_norm(x), key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
