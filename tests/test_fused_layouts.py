@@ -28,6 +28,8 @@ WORLDS = {
         "tp2": {**FUSED, **TP2},
         "tp2_no_sp": {**FUSED, **TP2, **NO_SP},
         "pp2_1f1b": {**FUSED, "parallel.pp": 2},
+        "pp2_zbv": {**FUSED, "parallel.pp": 2, "parallel.pp_schedule": "zbv", "parallel.pp_virtual_stages": 2,
+                    "parallel.zero": 2},  # the loss's decoder gradient through the split backward
         "dp2_fsdp": {**FUSED, "parallel.zero": 3},
         "dp2_ddp": {**FUSED, "parallel.zero": 0},
         "tp2_dropout": {**DROPOUT, **TP2},
