@@ -70,7 +70,8 @@ def mask_rows(shape, shard: tuple[int, int]) -> tuple[int, int, int]:
     return shape[-2], shape[-2] * count, shape[-2] * index
 
 
-def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None,
+                      shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """The keep mask that `bias_dropout_add` uses for (seed, offset): uniform > p, element-wise;
     with `shard` (see `bias_dropout_add`) that slice of the whole tensor's mask."""
     numel = 1

@@ -92,8 +92,8 @@ def step_table(config_path: str, batch: int, seq: int, vocab: int) -> None:
         "mlm_labels": torch.randint(5, vocab, (batch, predictions), generator=g),
     }
     m = config.model
-    print(f"\nOne forward + backward of {Path(config_path).stem} ({m.num_layers} x {m.hidden_size}, dropout {m.dropout}), batch {batch} x "
-          f"seq {seq}, {predictions} predictions per sequence, vocabulary {vocab}, fp32")
+    print(f"\nOne forward + backward of {Path(config_path).stem} ({m.num_layers} x {m.hidden_size}, dropout {m.dropout}), "
+          f"batch {batch} x seq {seq}, {predictions} predictions per sequence, vocabulary {vocab}, fp32")
     print(f"{'fused_kernels':<15}{'checkpointing':<15}{'peak alloc MiB':>16}{'saved MiB':>12}{'seconds':>10}{'loss':>10}")
     for fused in (False, True):
         for mode in ("none", "selective", "full"):

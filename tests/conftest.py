@@ -31,7 +31,8 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def launch_world(worker: str, nproc: int, data: str, base: dict, runs: list[dict], tmp, env: dict | None = None) -> dict:
+def launch_world(worker: str, nproc: int, data: str, base: dict, runs: list[dict], tmp,
+                 env: dict | None = None) -> dict:
     """Run `runs` (each {"name", "overrides", ...}) one after another in one launched world of
     nproc local processes (tests/train_worker.py's spec format); returns name -> result.
     `env`: extra environment variables of the workers."""

@@ -47,8 +47,9 @@ def test_memory_bench_script_runs():
 
     env = clean_env()
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_memory.py"), "--tokens", "512", "--vocab",
-                           "2048", "--hidden", "64", "--config", str(REPO / "configs" / "tiny.toml"), "--batch", "2", "--seq", "64"],
+    args = ["--tokens", "512", "--vocab", "2048", "--hidden", "64",
+            "--config", str(REPO / "configs" / "tiny.toml"), "--batch", "2", "--seq", "64"]
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_memory.py"), *args],
                           capture_output=True, text=True, env=env, timeout=300, cwd=os.getcwd())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "fused / unfused peak" in done.stdout and ": met" in done.stdout
