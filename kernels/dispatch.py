@@ -6,8 +6,10 @@ The rule, one place for every kernel:
 - CPU tensors run the PyTorch reference, except when the kernels were decorated under
   `TRITON_INTERPRET=1`: then the Triton kernel runs on CPU through the interpreter (that is how
   the tests exercise it; the interpreter is ~100x slower than torch, never for production);
-- tensor subclasses (DTensor under tensor/sequence parallelism) run the reference, whose torch
-  ops DTensor knows how to shard; a Triton kernel would only see one rank's local shard;
+- DTensors (tensor/sequence parallelism) run on their local shards (`on_local_shards`, through
+  `local_map`): a row-wise kernel needs whole rows and a per-feature parameter the slice of
+  features its shard holds; each shard then takes the path a plain tensor would. Other tensor
+  subclasses run the reference;
 - without triton installed everything runs the reference: `import rapidnlp.kernels` never
   needs triton.
 
@@ -74,6 +76,68 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if first.numel() == 0:
         return False
     return first.is_cuda or (INTERPRET and first.device.type == "cpu")
+
+
+class _Settled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.trigger_wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def settled(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or, for the result of a tensor-parallel collective still in flight (a row-parallel
+    layer's reduce-scatter returns an AsyncCollectiveTensor, a tensor subclass), the plain tensor
+    it becomes once waited for (gradients pass through), so that it can take the Triton path."""
+    # Private API (torch.distributed._functional_collectives); no public one names this type yet.
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return _Settled.apply(t) if isinstance(t, AsyncCollectiveTensor) else t
+
+
+def is_dtensor(t) -> bool:
+    return t is not None and type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
+
+
+def on_local_shards(fn, x, params: tuple, *args, split_last: bool):
+    """fn(x, *params, *args) run on the local shards of DTensor `x` and of `params` (DTensors or
+    None, 1-D over x's last dimension: a bias, a norm's weight); returns a DTensor laid out as x.
+
+    x keeps its sharding, except a partial sum (made whole first: the kernels are not linear) and,
+    unless `split_last` (element-wise kernels), a sharded last dimension (a row-wise kernel needs
+    whole rows). A parameter follows x's last dimension: sharded alike where x's features are,
+    replicated elsewhere; its gradient is then a partial sum over the ranks that hold other rows
+    (rapidnlp.parallel.tensor_parallel.reduce_partial_grads completes it, as for DTensor's own ops)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.experimental import local_map
+
+    last = x.ndim - 1
+    x_places, p_places, grad_places = [], [], []
+    for place in x.placements:
+        dim = place.dim % x.ndim if isinstance(place, Shard) else None
+        if place.is_partial() or (dim == last and not split_last):
+            place, dim = Replicate(), None
+        x_places.append(Shard(dim) if dim is not None else place)
+        p_places.append(Shard(0) if dim == last else Replicate())
+        grad_places.append(Shard(0) if dim == last else Partial() if dim is not None else Replicate())
+    if any(p is not None and not is_dtensor(p) for p in params):
+        raise TypeError("a DTensor input needs DTensor parameters (a module under a tensor-parallel plan)")
+    x = x.redistribute(placements=x_places)
+    present = [p.redistribute(placements=p_places) for p in params if p is not None]
+
+    def local(x_local, *present_local):  # absent parameters and plain arguments stay out of local_map
+        rest = iter(present_local)
+        return fn(x_local, *(None if p is None else next(rest) for p in params), *args)
+
+    x_places, p_places, grad_places = tuple(x_places), tuple(p_places), tuple(grad_places)
+    return local_map(
+        local, out_placements=(x_places,), device_mesh=x.device_mesh,
+        in_placements=(x_places, *(p_places,) * len(present)),
+        in_grad_placements=(x_places, *(grad_places,) * len(present)),
+    )(x, *present)
 
 
 @contextlib.contextmanager

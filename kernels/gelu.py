@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rapidnlp.kernels.dispatch import launch, num_programs, num_warps_for, tile_2d, tl, triton, use_triton
+from rapidnlp.kernels.dispatch import (
+    is_dtensor, launch, num_programs, num_warps_for, on_local_shards, settled, tile_2d, tl, triton, use_triton,
+)
 
 SQRT_1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -119,6 +121,9 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: st
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if bias is not None and bias.shape != x.shape[-1:]:
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match the last dimension of x {tuple(x.shape)}")
+    if is_dtensor(x):  # e.g. a column-parallel fc1's output [.., ffn / tp] with its bias slice
+        return on_local_shards(bias_gelu, x, (bias,), approximate, split_last=True)
+    x = settled(x)
     if not use_triton(x, bias):
         return bias_gelu_reference(x, bias, approximate)
     return BiasGeLU.apply(x, bias, approximate)

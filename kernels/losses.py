@@ -208,13 +208,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, chunk_size: int,
-                vocab_start: int, all_reduce):
+                vocab_start: int, all_reduce, needs_grad: bool):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen here, not by autocast
             return _LinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, ignore_index, reduction,
-                                                chunk_size, vocab_start, all_reduce)
+                                                chunk_size, vocab_start, all_reduce, needs_grad)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, vocab_start, all_reduce):
+    def _forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, vocab_start, all_reduce,
+                 needs_grad):
         t, h = hidden.shape
         dtype = hidden.dtype
         w = weight.to(dtype)
@@ -223,9 +224,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().to(torch.float32)
         row_weights = _row_weights(valid, reduction, count)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        dh = torch.empty_like(hidden)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        dh = torch.empty_like(hidden) if needs_grad else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if needs_grad and weight.requires_grad else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if needs_grad and bias is not None else None
         for i in range(0, t, chunk_size):
             rows = slice(i, min(t, i + chunk_size))
             h_c, y_c = hidden[rows], labels[rows]
@@ -233,6 +236,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             m, s, tgt = _stats(logits, y_c, vocab_start)
             lse, tgt = _global_lse(m, s, tgt, all_reduce)
             loss += torch.where(valid[rows], lse - tgt, 0.0).sum()
+            if not needs_grad:  # evaluation: the loss alone
+                continue
             dlogits = _grad(logits, y_c, lse, row_weights[rows].contiguous(), vocab_start, out=logits)
             torch.mm(dlogits, w, out=dh[rows])
             if dw is not None and dw.dtype == dtype:
@@ -241,7 +246,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dw += (dlogits.t() @ h_c).float()
             if db is not None:
                 db += dlogits.float().sum(0)
-        if all_reduce is not None:
+        if all_reduce is not None and needs_grad:
             all_reduce(dh, "sum")  # each vocabulary slice contributes to every hidden state
         ctx.save_for_backward(dh, dw, db)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
@@ -255,7 +260,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = (dh * g).to(dh.dtype)
         dw = (dw * g).to(w_dtype) if dw is not None else None
         db = (db * g).to(b_dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
@@ -270,11 +275,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
     hidden [..., H], weight [V, H] (a decoder, possibly tied, possibly a vocabulary slice),
     labels [...]. Arithmetic runs in hidden's dtype (weight cast to it), the loss in fp32.
-    `chunk_size` tokens per step (default: logits of a chunk ~ the size of `hidden`)."""
+    `chunk_size` tokens per step (default: logits of a chunk ~ the size of `hidden`). Without
+    autograd (evaluation, no_grad) only the loss is computed: no gradient buffers, one GEMM."""
     _check_reduction(reduction, ("sum", "mean"))
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = labels.reshape(-1).contiguous()
     if y.shape[0] != h2.shape[0]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
     chunk = chunk_size or default_chunk_size(h2.shape[0], h2.shape[1], weight.shape[0])
-    return _LinearCrossEntropy.apply(h2, weight, bias, y, ignore_index, reduction, chunk, vocab_start, all_reduce)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _LinearCrossEntropy.apply(h2, weight, bias, y, ignore_index, reduction, chunk, vocab_start, all_reduce,
+                                     needs_grad)

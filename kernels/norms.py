@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rapidnlp.kernels.dispatch import (
-    launch, num_programs, num_warps_for, rows_per_program, tl, triton, use_triton,
+    is_dtensor, launch, num_programs, num_warps_for, on_local_shards, rows_per_program, settled, tl, triton,
+    use_triton,
 )
 
 
@@ -152,6 +153,9 @@ def _check(x, weight, bias):
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension; output in x's dtype, statistics in fp32."""
     _check(x, weight, bias)
+    if is_dtensor(x):  # e.g. a sequence shard under sequence parallelism
+        return on_local_shards(layer_norm, x, (weight, bias), eps, split_last=False)
+    x = settled(x)
     if not use_triton(x, weight, bias):
         return layer_norm_reference(x, weight, bias, eps)
     return _Norm.apply(x, weight, bias, eps, False)
@@ -160,6 +164,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight."""
     _check(x, weight, None)
+    if is_dtensor(x):
+        return on_local_shards(rms_norm, x, (weight,), eps, split_last=False)
+    x = settled(x)
     if not use_triton(x, weight):
         return rms_norm_reference(x, weight, eps)
     return _Norm.apply(x, weight, None, eps, True)

@@ -458,7 +458,10 @@ def _check_deepspeed(config: Config) -> None:
 
     if config.checkpoint.enabled:
         raise UserError(NO_CHECKPOINTS)
-    deepspeed_config(config)  # the user's JSON, checked before any process starts
+    ds = deepspeed_config(config)  # the user's JSON, checked before any process starts
+    if config.model.fused_kernels and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise UserError("model.fused_kernels with DeepSpeed ZeRO-3: the fused MLM loss decodes after the forward, when "
+                        "ZeRO-3 has released the decoder; use ZeRO stage 2 or train.backend = torch (FSDP)")
 
 
 def accumulation_steps(config: Config) -> int:

@@ -31,14 +31,16 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def launch_world(worker: str, nproc: int, data: str, base: dict, runs: list[dict], tmp) -> dict:
+def launch_world(worker: str, nproc: int, data: str, base: dict, runs: list[dict], tmp,
+                 env: dict | None = None) -> dict:
     """Run `runs` (each {"name", "overrides", ...}) one after another in one launched world of
-    nproc local processes (tests/train_worker.py's spec format); returns name -> result."""
+    nproc local processes (tests/train_worker.py's spec format); returns name -> result.
+    `env`: extra environment variables of the workers."""
     from rapidnlp.distributed.launch import spawn_local
 
     spec, out = tmp / f"spec{nproc}.json", tmp / f"out{nproc}.json"
     spec.write_text(json.dumps({"data": data, "base": base, "runs": runs}))
-    code = spawn_local(nproc, [str(spec), str(out)], script=worker, env=clean_env())
+    code = spawn_local(nproc, [str(spec), str(out)], script=worker, env=clean_env(**(env or {})))
     assert code == 0, f"{nproc}-process job failed with exit code {code}"
     return json.loads(out.read_text())
 
@@ -115,15 +117,17 @@ def references(pd_dataset, tmp_path_factory) -> dict:
 
 
 def launch_worlds(worlds: dict[int, dict[str, dict]], data: str, base, tmp_path_factory, *,
-                  deepspeed: dict | None = None) -> dict:
+                  deepspeed: dict | None = None, env: dict | None = None) -> dict:
     """Each world size's layouts ({name: overrides}) in one launched world of train_worker.py,
     plus, given `deepspeed` overrides, one 2-process DeepSpeed run named deepspeed_zero2.
-    `base(run_dir)` gives the shared overrides. Returns name -> metric rows."""
+    `base(run_dir)` gives the shared overrides; `env` extra environment variables of the
+    workers (TRITON_INTERPRET=0: fused kernels on their PyTorch reference path). Returns name -> metric rows."""
     results = {}
     for world, layouts in worlds.items():
         tmp = tmp_path_factory.mktemp(f"world{world}")
         runs = [{"name": name, "overrides": over} for name, over in layouts.items()]
-        results.update(launch_world(str(REPO / "tests" / "train_worker.py"), world, data, base(tmp / "run"), runs, tmp))
+        results.update(launch_world(str(REPO / "tests" / "train_worker.py"), world, data, base(tmp / "run"), runs, tmp,
+                                    env))
     if deepspeed is not None:
         tmp = tmp_path_factory.mktemp("deepspeed")
         runs = [{"name": "deepspeed_zero2", "overrides": {**deepspeed, "train.backend": "deepspeed", "parallel.zero": 2}}]

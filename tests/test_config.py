@@ -93,6 +93,9 @@ def _layout(world, **fields):
     (2, {"train__backend": "deepspeed", "train__optimizer": "lamb"}, r"train.optimizer = lamb is not offered"),
     (2, {"train__backend": "deepspeed", "train__deepspeed_config": "/no/such/ds.json"},
      r"train.deepspeed_config: /no/such/ds.json not found"),
+    (2, {"train__backend": "deepspeed", "parallel__zero": 3, "model__fused_kernels": True,
+         "checkpoint__enabled": False},
+     r"model.fused_kernels with DeepSpeed ZeRO-3: the fused MLM loss decodes after the forward"),
 ])
 def test_impossible_layouts(world, fields, message):
     with pytest.raises(UserError, match=message) as info:

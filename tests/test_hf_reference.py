@@ -189,3 +189,34 @@ def test_twenty_training_steps_match(pair, data):
     final = from_hf_state_dict(hf.state_dict(), model.cfg)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, final[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_fused_mlm_loss_matches_hf(pair, data):
+    """model.fused_kernels: the head hands its transformed states to the MLM objective, whose loss
+    decodes them chunk by chunk with the tied decoder (kernels.linear_cross_entropy); loss and
+    gradients (the tied word embedding and the decoder bias included) equal transformers' own."""
+    import dataclasses
+
+    from rapidnlp.config import Config
+    from rapidnlp.pretrain.mlm import MLM
+
+    model, hf = pair
+    cfg = dataclasses.replace(model.cfg, fused_kernels=True)
+    objective = MLM(Config(model=cfg), 1.0)
+    fused = BertForMLM(cfg, objective.pieces())
+    fused.load_state_dict(model.state_dict())
+    batch = data.collate(range(BATCH))
+    inputs = (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in fused.field_names))
+    features = fused(*inputs)[0]
+    assert features.shape == (BATCH, MAX_PRED, model.cfg.hidden_size)
+    loss = objective.loss_sum({"lm_head": features}, batch) / objective.normaliser(batch)
+    loss.backward()
+    want = hf_loss(hf, batch)
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    ours, theirs = dict(fused.named_parameters()), dict(hf.named_parameters())
+    for name, hf_name in (("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
+                          ("lm_head.decoder.bias", "cls.predictions.bias"),
+                          ("lm_head.dense.weight", "cls.predictions.transform.dense.weight"),
+                          ("layers.0.mlp.fc1.weight", "bert.encoder.layer.0.intermediate.dense.weight")):
+        torch.testing.assert_close(ours[name].grad, theirs[hf_name].grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -7,6 +7,7 @@ Shapes are small and odd: rows not a multiple of the block, hidden 1600, vocabul
 """
 import kernels_env  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 
+import contextlib
 import math
 import os
 import subprocess
@@ -98,6 +99,30 @@ def test_bias_dropout_add_matches_reference(dtype, p):
     close(x.grad, xr.grad, dtype)
     close(b.grad, br.grad, dtype)
     close(r.grad, rr.grad, dtype)
+
+
+@pytest.mark.parametrize("slices", [2, 3])
+def test_dropout_sequence_shards_draw_the_whole_mask(slices):
+    """Sequence parallelism: slice i of n along dim -2, with shard=(i, n) and the same seed, draws
+    that slice of the whole tensor's mask, bit for bit, in the kernel and in the reference, forward
+    and backward (the unsharded call is unchanged: no shard means the whole)."""
+    x, r = leaf(torch.randn(3, 12, 40)), leaf(torch.randn(3, 12, 40))
+    dy = torch.randn(3, 12, 40)
+    whole = kernels.dropout_add(x, r, 0.3, seed=99, offset=5)
+    whole.backward(dy)
+    want, want_dx = whole.detach(), x.grad.clone()
+    per = 12 // slices
+    for reference in (False, True):
+        parts, grads = [], []
+        for i in range(slices):
+            xs, rs = leaf(x[:, i * per:(i + 1) * per]), leaf(r[:, i * per:(i + 1) * per])
+            with kernels.reference_only() if reference else contextlib.nullcontext():
+                out = kernels.dropout_add(xs, rs, 0.3, seed=99, offset=5, shard=(i, slices))
+                out.backward(dy[:, i * per:(i + 1) * per])
+            parts.append(out.detach())
+            grads.append(xs.grad)
+        assert torch.equal(torch.cat(parts, 1), want) and torch.equal(torch.cat(grads, 1), want_dx), reference
+    assert_launched("bias_dropout_add_fwd", "bias_dropout_add_bwd")
 
 
 def test_philox_twin_is_triton_rand():

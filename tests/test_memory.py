@@ -34,3 +34,26 @@ def test_activation_checkpointing_lowers_the_base_peak():
     # selective drops the attention probabilities (2 x 12 x 128 x 128 per block, dropout mask too)
     assert selective < 0.9 * none, (selective, none)
     assert _peak_bytes("none", steps=2) == none
+
+
+def test_memory_bench_script_runs():
+    """scripts/bench_memory.py at small sizes: both tables print, the loss target is met (exit 0);
+    it runs the reference paths (no interpreter) as on any CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    env = clean_env()
+    env.pop("TRITON_INTERPRET", None)
+    args = ["--tokens", "512", "--vocab", "2048", "--hidden", "64",
+            "--config", str(REPO / "configs" / "tiny.toml"), "--batch", "2", "--seq", "64"]
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_memory.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=os.getcwd())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "fused / unfused peak" in done.stdout and ": met" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("false ", "true "))]
+    assert [(r[0], r[1]) for r in rows] == [(f, m) for f in ("false", "true") for m in ("none", "selective", "full")]
+    peak = {(r[0], r[1]): float(r[3]) for r in rows}  # saved for backward, MiB
+    assert peak[("false", "full")] < peak[("false", "selective")] <= peak[("false", "none")]

@@ -34,34 +34,45 @@ def make_config(data: str, overrides: dict, world: int) -> Config:
 
 
 def dense_twin_check(config: Config) -> dict:
-    """Each parameter's gradient and the logits of a TP model against the same model unsharded."""
+    """Each parameter's gradient, the head's output (logits, or the fused head's transformed
+    states) and the MLM loss of a TP model against the same model unsharded, each forward from
+    the same RNG state (dropout draws alike); and the Triton launches of the TP model's step."""
     from contextlib import nullcontext
 
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
+    from rapidnlp import kernels
     from rapidnlp.parallel import parallelize, uses_loss_parallel
     from rapidnlp.parallel.tensor_parallel import reduce_partial_grads
-    from rapidnlp.pretrain.mlm import mlm_loss_sum
     from rapidnlp.pretrain.objective import build_model, build_objectives
     from rapidnlp.train.trainer import load_data
 
     data = load_data(config)
     batch = data.train.collate(range(4))
-    objectives = build_objectives(config)
+    dense_objectives, objectives = build_objectives(config), build_objectives(config)  # each decodes with its head
     torch.manual_seed(0)
-    dense = build_model(config, objectives)
+    dense = build_model(config, dense_objectives)
     torch.manual_seed(0)
     model = build_model(config, objectives)
     args = (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in model.field_names))
     dims = ParallelDims.from_config(config.parallel)
     model = parallelize(model, dims, config.parallel, config.train)
 
-    dense_logits = dense(*args)[0]
-    mlm_loss_sum(dense_logits, batch["mlm_labels"]).backward()
+    def mlm_loss(o, outputs):
+        return o[0].loss_sum(dict(zip(dense.head_names, outputs)), batch)
+
+    torch.manual_seed(5)
+    dense_out = dense(*args)[0]
+    dense_loss = mlm_loss(dense_objectives, (dense_out,))
+    dense_loss.backward()
+    kernels.reset_launch_counts()
+    torch.manual_seed(5)
     with loss_parallel() if uses_loss_parallel(dims, config.parallel) else nullcontext():
-        logits = model(*args)[0]
-        mlm_loss_sum(logits, batch["mlm_labels"]).backward()
+        out = model(*args)[0]
+        loss = mlm_loss(objectives, (out,))
+        loss.backward()
+    launches = kernels.launch_counts()
     reduce_partial_grads(list(model.parameters()))
 
     def full(t):
@@ -74,10 +85,12 @@ def dense_twin_check(config: Config) -> dict:
         grad_diff[name] = float((full(p.grad) - ref).abs().max() / (ref.abs().max() + 1e-12))
     sharded = {name: list(p.to_local().shape) for name, p in model.named_parameters() if isinstance(p, DTensor)}
     return {
-        "logits_max_abs_diff": float((full(logits).detach() - dense_logits.detach()).abs().max()),
+        "logits_max_abs_diff": float((full(out).detach() - dense_out.detach()).abs().max()),
+        "loss_rel_diff": float(abs(float(full(loss)) - float(dense_loss)) / abs(float(dense_loss))),
         "grad_rel_diff": grad_diff,
         "local_shapes": sharded,
         "full_shapes": {name: list(p.shape) for name, p in dense.named_parameters()},
+        "launch_counts": launches,
     }
 
 

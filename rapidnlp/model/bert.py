@@ -11,8 +11,9 @@ small BERT and most of its rows would be thrown away.
 
 With `model.fused_kernels = true` (rapidnlp/kernels): LayerNorms run the fused LayerNorm, the
 MLP's fc1 bias rides in the bias-GeLU kernel, and each residual branch's dropout and add are
-one kernel (the branches then skip their own dropout). Parameters and state_dict keys are the
-same either way. Attention stays on SDPA.
+one kernel (the branches then skip their own dropout), and the MLM head returns its transformed
+states for the loss to decode in chunks (the fused linear cross-entropy). Parameters and
+state_dict keys are the same either way. Attention stays on SDPA.
 
 This module knows nothing of parallelism: it imports nothing from torch.distributed.
 Attention reshapes with -1 heads so that column-parallel q/k/v (rapidnlp/parallel/) simply see
@@ -100,18 +101,25 @@ class Attention(nn.Module):
         return self.dropout(self.dense(out))
 
 
+class BiasLaterLinear(nn.Linear):
+    """nn.Linear (same parameters, state_dict and tensor-parallel plans) whose forward leaves the
+    bias out, for the fused kernel after it to add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_size)
+        self.fc1 = (BiasLaterLinear if cfg.fused_kernels else nn.Linear)(cfg.hidden_size, cfg.ffn_size)
         self.fc2 = nn.Linear(cfg.ffn_size, cfg.hidden_size)
         self.dropout = branch_dropout(cfg)
         self.fused = cfg.fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A tp-sharded fc1 (its weight a DTensor) keeps its own forward, where its sharding hooks run.
-        if self.fused and type(self.fc1.weight) is nn.Parameter:
-            return self.dropout(self.fc2(kernels.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)))
+        if self.fused:  # fc1's bias rides in the bias-GeLU kernel
+            return self.dropout(self.fc2(kernels.bias_gelu(self.fc1(x), self.fc1.bias)))
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))
 
 
@@ -124,31 +132,45 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.fused = cfg.fused_kernels
         self.residual_dropout = cfg.dropout
+        # (i, n): x is slice i of n equal slices of the sequence (sequence parallelism sets it), so
+        # that the fused dropout draws that slice of the whole sequence's mask.
+        self.sequence_shard = (0, 1)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            p = self.residual_dropout
-            x = kernels.dropout_add(self.attention(self.attention_norm(x), key_mask), x, p, self.training)
-            return kernels.dropout_add(self.mlp(self.mlp_norm(x)), x, p, self.training)
+            p, shard = self.residual_dropout, self.sequence_shard
+            x = kernels.dropout_add(self.attention(self.attention_norm(x), key_mask), x, p, self.training, shard=shard)
+            return kernels.dropout_add(self.mlp(self.mlp_norm(x)), x, p, self.training, shard=shard)
         x = x + self.attention(self.attention_norm(x), key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class MLMHead(nn.Module):
     """Gathers the hidden states at the masked positions, then transform + vocabulary decoder.
-    A head piece: `(hidden, key_mask, fields) -> logits [b, P, V]`, reading fields["mlm_positions"]."""
+    A head piece: `(hidden, key_mask, fields) -> logits [b, P, V]`, reading fields["mlm_positions"].
+
+    Fused (`model.fused_kernels`): the head returns the transformed hidden states [b, P, h] and the
+    MLM loss applies `decoder` to them chunk by chunk (rapidnlp.pretrain.mlm), so that the logits
+    of all masked tokens never exist at once. `logits()` gives them either way."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = layer_norm(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size)
+        self.fused = cfg.fused_kernels
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor, fields: dict) -> torch.Tensor:
+    def transform(self, hidden: torch.Tensor, fields: dict) -> torch.Tensor:
         positions = fields["mlm_positions"]
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         x = torch.gather(hidden, 1, index)
-        return self.decoder(self.norm(F.gelu(self.dense(x))))
+        return self.norm(F.gelu(self.dense(x)))
+
+    def logits(self, hidden: torch.Tensor, key_mask: torch.Tensor, fields: dict) -> torch.Tensor:
+        return self.decoder(self.transform(hidden, fields))
+
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor, fields: dict) -> torch.Tensor:
+        return self.transform(hidden, fields) if self.fused else self.logits(hidden, key_mask, fields)
 
 
 @dataclass
@@ -341,7 +363,7 @@ class BertForMLM(nn.Module):
         """The MLM head's logits [b, P, V] of the whole model (conversion and reference checks)."""
         fields = {"token_type_ids": token_type_ids, "mlm_positions": mlm_positions}
         hidden = self.encode(input_ids, token_type_ids, attention_mask)
-        return self.lm_head(hidden, attention_mask.bool(), fields)
+        return self.lm_head.logits(hidden, attention_mask.bool(), fields)
 
 
 def _holds(model: nn.Module, name: str) -> bool:

@@ -46,8 +46,10 @@ def apply_fsdp(model: BertForMLM, mesh: DeviceMesh, *, reshard_after_forward: bo
         if piece.fsdp_unit and getattr(model, piece.name) is not None:
             fully_shard(getattr(model, piece.name), **kwargs)
     # The root unit holds the embeddings, the final norm and the other pieces (the MLM head:
-    # the tied weight lives in one unit).
-    fully_shard(model, **kwargs)
+    # the tied weight lives in one unit). It stays unsharded from forward to backward, as
+    # torchtitan keeps its output layer (backward would gather it again at once), and so that the
+    # fused MLM loss, which runs after the forward, reads the whole decoder (pretrain/mlm.py).
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
 
 

@@ -6,6 +6,11 @@ for `loss_parallel` cross-entropy. With sequence parallelism the residual stream
 is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard, and the
 blocks all-gather before attention/MLP and reduce-scatter after them.
 
+With `model.fused_kernels` the kernels run on the local shards (rapidnlp.kernels.dispatch): the
+norms on DTensor sequence shards, bias-GeLU on fc1's column shard with its bias slice, and the
+residual dropout-add on each rank's sequence slice, drawing that slice of the whole sequence's
+mask (`Block.sequence_shard`), so that a tp run draws the masks of the single process.
+
 The word embedding and the decoder (the MLM objective's plan, pretrain/mlm.py) are one
 tied parameter, sharded the same way (Shard(0) over vocabulary rows) by both plans;
 `parallelize_module` replaces each module's parameter by its own DTensor, so the model restores
@@ -54,7 +59,8 @@ def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_pa
             "attention.key": ColwiseParallel(),
             "attention.value": ColwiseParallel(),
             "attention.dense": RowwiseParallel(output_layouts=residual),
-            "mlp.fc1": ColwiseParallel(),
+            # Fused: fc1's output stays a DTensor for bias-GeLU to pair its shard with the bias's.
+            "mlp.fc1": ColwiseParallel(use_local_output=not model.cfg.fused_kernels),
             "mlp.fc2": RowwiseParallel(output_layouts=residual),
         }
         if sequence_parallel:
@@ -67,6 +73,8 @@ def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_pa
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
+        if sequence_parallel:
+            block.sequence_shard = (tp_mesh.get_local_rank(), tp_mesh.size())
 
     for piece in model.pieces.values():
         module = getattr(model, piece.name)

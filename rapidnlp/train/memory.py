@@ -95,6 +95,56 @@ class _Saved:
         self._counter._release(self._ptr)
 
 
+class AllocationPeak:
+    """Peak bytes of the tensors created inside a `track()` block and alive at once, on any device
+    (CPU too, where no allocator keeps statistics): every storage an operator returns that the
+    block had not seen before, from its creation until its last reference dies. Storages that
+    existed before the block (parameters, inputs, operands of in-place ops) are not counted.
+    A torch dispatch mode sees every operator, autograd's backward included; it is for
+    benchmarks and tests (each operator pays a Python call), not for training steps."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    @contextlib.contextmanager
+    def track(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        created: dict[int, tuple] = {}  # StorageImpl pointer -> (weak reference, bytes)
+        outside: dict[int, StorageWeakRef] = {}
+        self.bytes = 0
+        counter = self
+
+        def storages(values):
+            for t in tree_leaves(values):
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    storage = local_tensor(t).untyped_storage()
+                    yield StorageWeakRef(storage), storage.nbytes()
+
+        def prune(table: dict, ref_of) -> None:
+            for key in [k for k, v in table.items() if ref_of(v).expired()]:
+                del table[key]  # freed: a later storage may reuse its address
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                for ref, _ in storages((args, kwargs)):
+                    if ref.cdata not in created:
+                        outside.setdefault(ref.cdata, ref)
+                out = func(*args, **(kwargs or {}))
+                prune(created, lambda v: v[0])
+                prune(outside, lambda v: v)
+                for ref, nbytes in storages(out):
+                    if ref.cdata not in created and ref.cdata not in outside:
+                        created[ref.cdata] = (ref, nbytes)
+                counter.bytes = max(counter.bytes, sum(v[1] for v in created.values()))
+                return out
+
+        with Mode():
+            yield self
+
+
 def meta_model(config):
     """The whole model with its objectives' modules (entity tables too) on the meta device: no
     memory. Knowledge table sizes come from the config's knowledge.num_* fields."""
