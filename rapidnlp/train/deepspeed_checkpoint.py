@@ -1,0 +1,140 @@
+"""Checkpoints of the DeepSpeed backend, in this engine's folder conventions, loaded without
+unpickling code.
+
+    <run_dir>/checkpoints/step_N/
+        deepspeed/                 DeepSpeed's own engine.save_checkpoint (tag "deepspeed"): its model
+                                   states and each rank's ZeRO partition of the fp32 master weights and
+                                   optimizer state (torch.save pickles)
+        .metadata, __*.distcp      DCP: the full fp32 master weights as "model.<name>", named as every
+                                   checkpoint of this engine names them (`rapidnlp convert` reads these)
+        meta.json                  as rapidnlp.train.checkpoint's, with kind "deepspeed" and zero_stage
+        config.json, tokenizer.model, rng/rank_R.json
+
+The temporary folder, the rename, `latest`, the manifest, pruning and the step, sampler and RNG
+states are Checkpointer's. What goes in differs: DeepSpeed's own files, from which DeepSpeed
+restores its engine (partitions, optimizer state, step counters, loss scale) bit for bit at the
+same layout, and the gathered weights, from which `rapidnlp convert` makes a native or HF folder
+without reading a pickle.
+
+DeepSpeed reads its files through its checkpoint engine: ours reads them with
+torch.load(weights_only=True), admitting, for that load only, the four DeepSpeed classes its files
+hold besides tensors and containers (`deepspeed_globals`, measured on ZeRO 0-3 in fp32, bf16 and
+fp16). A file that needs anything else is refused with one line.
+
+Must not: unpickle anything with weights_only=False; resume at another layout or ZeRO stage
+(DeepSpeed's partitions are per dp rank; convert and start from the weights instead); import
+deepspeed at module level (rapidnlp.train.deepspeed_backend.import_deepspeed sets it up first).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from rapidnlp.errors import UserError
+from rapidnlp.train.checkpoint import DEEPSPEED_KIND, Checkpointer, checked_on_rank0, layout, verify
+
+TAG = "deepspeed"  # the sub-folder DeepSpeed writes its files into
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed copies them beside it (ZeRO, bf16)
+
+
+def deepspeed_globals() -> list[type]:
+    """The classes DeepSpeed 0.19.8's checkpoint files hold besides tensors, dtypes and containers:
+    plain data (a dataclass, an IntEnum, loss scalers' attributes), rebuilt without running code of
+    theirs. Measured by loading every file of ZeRO 0-3 checkpoints in fp32, bf16 and fp16."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    """torch.load(weights_only=True) of one of DeepSpeed's files, with only deepspeed_globals()
+    admitted (for this call alone); anything else is one UserError line."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|[^\n]+", str(e))
+        raise UserError(f"{path}: refused to unpickle ({found.group(0)}); "
+                        "DeepSpeed checkpoints are read without running code from them") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {first})") from None
+
+
+def install_safe_loading(engine) -> None:
+    """Make every load DeepSpeed's engine does go through safe_load. Replaces the checkpoint engine
+    a JSON config may choose: checkpoints are this engine's to write."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """{state_dict name: full fp32 tensor} on rank 0 ({} on the others): DeepSpeed's fp32 master
+    copy where it keeps one (ZeRO, bf16), else the parameter itself. Collective: every rank gathers
+    each parameter in the same order, one at a time."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    keep = dist.get_rank() == 0
+    gathered = {}
+    for p in engine.module.parameters():  # each parameter once, tied ones too
+        full = safe_get_full_fp32_param(p)
+        if keep:
+            gathered[id(p)] = (p.detach() if full is None else full).float().cpu()
+    if not keep:
+        return {}
+    return {name: gathered[id(t)] if isinstance(t, torch.nn.Parameter) else t.detach().cpu()
+            for name, t in engine.module.state_dict(keep_vars=True).items()}
+
+
+def _describe(saved: dict) -> str:
+    return f"dp={saved['dp']} (world size {saved['world_size']}), ZeRO stage {saved['zero_stage']}"
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """Checkpointer for a DeepSpeedTrainer: DeepSpeed's files plus the gathered weights in, DeepSpeed's
+    own (safe) load out. Saves are synchronous: DeepSpeed writes its files itself."""
+
+    def _write_state(self, trainer, tmp: str):
+        engine = trainer.model
+        engine.save_checkpoint(tmp, tag=TAG, save_latest=False)
+        for script in RECOVERY_SCRIPTS:  # DeepSpeed's copies of its scripts, which unpickle in full
+            if dist.get_rank() == 0 and os.path.isfile(os.path.join(tmp, script)):
+                os.remove(os.path.join(tmp, script))
+        dcp.save({"model": full_weights(engine)}, checkpoint_id=tmp)
+        return None
+
+    def _meta(self, trainer) -> dict:
+        return {**super()._meta(trainer), "kind": DEEPSPEED_KIND, "zero_stage": trainer.model.zero_optimization_stage()}
+
+    def load(self, trainer, path: str) -> dict:
+        engine = trainer.model
+        here = {**layout(trainer), "zero_stage": engine.zero_optimization_stage()}
+
+        def check() -> dict:
+            meta = verify(path)
+            if meta.get("kind") != DEEPSPEED_KIND:
+                raise UserError(f"{path}: not a train.backend = deepspeed checkpoint (kind "
+                                f"{meta.get('kind', 'training')}); the DeepSpeed backend resumes only its own")
+            saved = {**meta["layout"], "zero_stage": meta["zero_stage"]}
+            if saved != here:
+                raise UserError(f"{path}: saved at {_describe(saved)}, this run is {_describe(here)}; DeepSpeed "
+                                "resumes at the layout it saved (its ZeRO partitions are per rank): use that layout, "
+                                f"or start from the weights: rapidnlp convert --from deepspeed {path} OUT")
+            return meta
+
+        meta = checked_on_rank0(check)
+        engine.load_checkpoint(path, tag=TAG, load_lr_scheduler_states=False)  # the LR is train.*'s schedule
+        self._restore_progress(trainer, path, meta)
+        return meta
