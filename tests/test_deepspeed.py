@@ -9,9 +9,11 @@ ops (a minute or two each on 2 cores) into TORCH_EXTENSIONS_DIR; later runs load
 """
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("deepspeed")
 
@@ -167,6 +169,127 @@ def test_user_json_that_contradicts_train_is_one_line(tmp_path, content, message
         deepspeed_config(_config(**{"train.deepspeed_config": str(path)}))
 
 
+CKPT_STEPS = 6  # saved at step 3 and 6; the resumed run continues from step 3
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def checkpoint_runs(tmp) -> list[dict]:
+    """Per ZeRO stage: an uninterrupted run that saves at steps 3 and 6, and a run resumed from its
+    step 3. A resume at another ZeRO stage, refused. ZeRO-3 last (it patches torch for the process)."""
+    def over(z, name):
+        return {**DS, "parallel.zero": z, "train.run_dir": str(tmp / name)}
+
+    runs = []
+    for z in ZERO_STAGES:
+        if z == 3:
+            runs.append({"name": "other_stage", "overrides": over(1, "other_stage"), "resume": str(saved(tmp, 2, 3))})
+        runs.append({"name": f"full{z}", "overrides": over(z, f"full{z}"), "checkpoint_interval": 3})
+        runs.append({"name": f"resumed{z}", "overrides": over(z, f"resumed{z}"), "resume": str(saved(tmp, z, 3))})
+    return runs
+
+
+def saved(tmp, zero: int, step: int):
+    return tmp / f"full{zero}" / "checkpoints" / f"step_{step}"
+
+
+@pytest.fixture(scope="module")
+def checkpointed(pd_dataset, tmp_path_factory):
+    """(results by run name, the folder holding every run's run dir)."""
+    tmp = tmp_path_factory.mktemp("dsckpt")
+    base = {**base_overrides(tmp / "run"), "train.steps": CKPT_STEPS, "train.eval_interval": 3}
+    return launch_world(WORKER, 2, pd_dataset, base, checkpoint_runs(tmp), tmp), tmp
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("zero", ZERO_STAGES)
+def test_resume_is_bit_exact(checkpointed, zero):
+    """Resumed from step 3 at the same layout, every later metric equals the uninterrupted run's
+    bit for bit (the engine's partitions, optimizer state and step, the data position and the
+    dropout RNG all come back)."""
+    results, tmp = checkpointed
+    full, resumed = rows(results, f"full{zero}"), rows(results, f"resumed{zero}")
+    assert resumed[0]["resumed_from"] == 3 and [r["step"] for r in resumed] == [4, 5, 6]
+    keys = ("loss", "grad_norm", "lr", "val_loss")
+    assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in full[3:]]
+    assert "val_loss" in resumed[-1]
+
+    ckpt = saved(tmp, zero, 3)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["kind"], meta["zero_stage"], meta["step"]) == ("deepspeed", zero, 3)
+    files = set(meta["files"])
+    assert {".metadata", "config.json", "tokenizer.model", "rng/rank_0.json", "rng/rank_1.json"} <= files
+    assert any(f.startswith("deepspeed/") and f.endswith("optim_states.pt") for f in files) or zero == 0
+    assert not {"zero_to_fp32.py", "zero_to_torch.py"} & files  # DeepSpeed's full-unpickle scripts
+    assert (tmp / f"full{zero}" / "checkpoints" / "latest").read_text() == "step_6"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_resume_at_another_zero_stage_is_one_line(checkpointed):
+    results, tmp = checkpointed
+    error = results["other_stage"]["error"]
+    assert error.startswith(f"{saved(tmp, 2, 3)}: saved at dp=2 (world size 2), ZeRO stage 2, this run is "
+                            "dp=2 (world size 2), ZeRO stage 1;"), error
+    assert "rapidnlp convert --from deepspeed" in error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("zero", [2, 3])
+def test_convert_to_native_and_hf(checkpointed, zero, tmp_path):
+    """`rapidnlp convert --from deepspeed` gives a native weights-only checkpoint holding DeepSpeed's
+    own fp32 master weights (as its zero_to_fp32 reassembles them from the partitions), exactly;
+    `--to hf` gives a folder transformers loads, with our logits."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from rapidnlp.convert.folders import read_native
+    from test_convert import assert_hf_logits_equal_ours
+
+    _, tmp = checkpointed
+    ckpt = saved(tmp, zero, 6)
+    native, hf = tmp_path / "native", tmp_path / "hf"
+    assert run_cli("convert", "--from", "deepspeed", str(ckpt), str(native)).returncode == 0
+    res = run_cli("convert", "--to", "hf", str(ckpt), str(hf))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    # DeepSpeed's reassembly, a full unpickle: acceptable here only, on files this test just wrote
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
+    config, state, extras = read_native(str(native))
+    assert json.loads((native / "meta.json").read_text())["kind"] == "weights" and extras == {}
+    assert set(state) == set(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(state[name], tensor.float()), name
+    assert_hf_logits_equal_ours(hf, config, reference)
+
+
+def test_hostile_pickle_is_refused_without_running_it(tmp_path):
+    """DeepSpeed's files are read with torch's weights_only unpickler: a pickle whose __reduce__
+    would run a command is refused in one line and runs nothing; DeepSpeed's own types load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from rapidnlp.train.deepspeed_checkpoint import safe_load
+
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "evil": Hostile()}, path)
+    with pytest.raises(UserError) as e:
+        safe_load(str(path))
+    assert "\n" not in str(e.value) and "refused to unpickle (it names posix.system, not an allowed type)" in str(e.value)
+    assert not marker.exists()
+
+    torch.save({"loss_scaler": LossScaler(1.0), "w": torch.ones(2)}, path)
+    loaded = safe_load(str(path))
+    assert isinstance(loaded["loss_scaler"], LossScaler) and loaded["loss_scaler"].cur_scale == 1.0
+    with pytest.raises(pickle.UnpicklingError):  # the allowlist holds for that load only
+        torch.load(path, weights_only=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_pretrain_with_deepspeed(pd_dataset, tmp_path):
@@ -182,7 +305,8 @@ def test_cli_pretrain_with_deepspeed(pd_dataset, tmp_path):
     assert "val_loss" in rows[1] and "val_loss" in rows[3]
     assert "step 4/4" in res.stdout
 
-    res = run_cli(*common)  # checkpoint.enabled defaults to true
+    res = run_cli(*common, "--checkpoint.async_save", "true")
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.returncode == 2 and lines == ["error: train.backend = deepspeed does not write checkpoints yet; "
-                                             "set checkpoint.enabled = false"], res.stderr
+    assert res.returncode == 2 and lines == ["error: checkpoint.async_save: train.backend = deepspeed saves "
+                                             "synchronously (DeepSpeed writes its own files); set "
+                                             "checkpoint.async_save = false"], res.stderr

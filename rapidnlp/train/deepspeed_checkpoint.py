@@ -60,12 +60,21 @@ def safe_load(path: str, map_location=None):
         with torch.serialization.safe_globals(deepspeed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|[^\n]+", str(e))
-        raise UserError(f"{path}: refused to unpickle ({found.group(0)}); "
+        raise UserError(f"{path}: refused to unpickle ({_reason(e)}); "
                         "DeepSpeed checkpoints are read without running code from them") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {first})") from None
+
+
+def _reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights_only unpickler refused, from its many-line message."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it names {found.group(1)}, not an allowed type"
+    lines = [line.strip() for line in text.splitlines() if "nsupported" in line] or text.strip().splitlines()
+    return lines[0] if lines else e.__class__.__name__
 
 
 def install_safe_loading(engine) -> None:
