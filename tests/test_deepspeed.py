@@ -10,6 +10,7 @@ ops (a minute or two each on 2 cores) into TORCH_EXTENSIONS_DIR; later runs load
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -170,26 +171,29 @@ def test_user_json_that_contradicts_train_is_one_line(tmp_path, content, message
 
 
 CKPT_STEPS = 6  # saved at step 3 and 6; the resumed run continues from step 3
-ZERO_STAGES = (0, 1, 2, 3)
+SETUPS = {f"zero{z}": {"parallel.zero": z} for z in (0, 1, 2, 3)}
+SETUPS["bf16"] = {"parallel.zero": 2, "train.precision": "bf16"}  # fp32 master weights in DeepSpeed's optimizer
+SETUPS["offload"] = {"parallel.zero": 2, "parallel.cpu_offload": True}  # DeepSpeedCPUAdam
 
 
 def checkpoint_runs(tmp) -> list[dict]:
-    """Per ZeRO stage: an uninterrupted run that saves at steps 3 and 6, and a run resumed from its
-    step 3. A resume at another ZeRO stage, refused. ZeRO-3 last (it patches torch for the process)."""
-    def over(z, name):
-        return {**DS, "parallel.zero": z, "train.run_dir": str(tmp / name)}
+    """Per set-up: an uninterrupted run that saves at steps 3 and 6, and a run resumed from its
+    step 3; and a resume at another ZeRO stage, refused. ZeRO-3 last (it patches torch for the process)."""
+    def pair(name):
+        full = {"name": f"full_{name}", "checkpoint_interval": 3}
+        resumed = {"name": f"resumed_{name}", "resume": str(saved(tmp, name, 3))}
+        return [{**run, "overrides": {**DS, **SETUPS[name], "train.run_dir": str(tmp / run["name"])}}
+                for run in (full, resumed)]
 
-    runs = []
-    for z in ZERO_STAGES:
-        if z == 3:
-            runs.append({"name": "other_stage", "overrides": over(1, "other_stage"), "resume": str(saved(tmp, 2, 3))})
-        runs.append({"name": f"full{z}", "overrides": over(z, f"full{z}"), "checkpoint_interval": 3})
-        runs.append({"name": f"resumed{z}", "overrides": over(z, f"resumed{z}"), "resume": str(saved(tmp, z, 3))})
-    return runs
+    refused = {"name": "other_stage", "overrides": {**DS, "parallel.zero": 1, "train.run_dir": str(tmp / "other")},
+               "resume": str(saved(tmp, "zero2", 3))}
+    last = [name for name in SETUPS if SETUPS[name]["parallel.zero"] == 3]
+    return [run for name in SETUPS if name not in last for run in pair(name)] + [refused] + \
+        [run for name in last for run in pair(name)]
 
 
-def saved(tmp, zero: int, step: int):
-    return tmp / f"full{zero}" / "checkpoints" / f"step_{step}"
+def saved(tmp, name: str, step: int):
+    return tmp / f"full_{name}" / "checkpoints" / f"step_{step}"
 
 
 @pytest.fixture(scope="module")
@@ -202,26 +206,29 @@ def checkpointed(pd_dataset, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("zero", ZERO_STAGES)
-def test_resume_is_bit_exact(checkpointed, zero):
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_resume_is_bit_exact(checkpointed, name):
     """Resumed from step 3 at the same layout, every later metric equals the uninterrupted run's
     bit for bit (the engine's partitions, optimizer state and step, the data position and the
     dropout RNG all come back)."""
     results, tmp = checkpointed
-    full, resumed = rows(results, f"full{zero}"), rows(results, f"resumed{zero}")
+    full, resumed = rows(results, f"full_{name}"), rows(results, f"resumed_{name}")
     assert resumed[0]["resumed_from"] == 3 and [r["step"] for r in resumed] == [4, 5, 6]
     keys = ("loss", "grad_norm", "lr", "val_loss")
     assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in full[3:]]
     assert "val_loss" in resumed[-1]
+    # DeepSpeed read its files, and never with a full unpickle
+    loads = results[f"resumed_{name}"]["torch_load_weights_only"]
+    assert loads and all(w is True for w in loads), loads
 
-    ckpt = saved(tmp, zero, 3)
-    meta = json.loads((ckpt / "meta.json").read_text())
+    zero = SETUPS[name]["parallel.zero"]
+    meta = json.loads((saved(tmp, name, 3) / "meta.json").read_text())
     assert (meta["kind"], meta["zero_stage"], meta["step"]) == ("deepspeed", zero, 3)
     files = set(meta["files"])
     assert {".metadata", "config.json", "tokenizer.model", "rng/rank_0.json", "rng/rank_1.json"} <= files
     assert any(f.startswith("deepspeed/") and f.endswith("optim_states.pt") for f in files) or zero == 0
     assert not {"zero_to_fp32.py", "zero_to_torch.py"} & files  # DeepSpeed's full-unpickle scripts
-    assert (tmp / f"full{zero}" / "checkpoints" / "latest").read_text() == "step_6"
+    assert (tmp / f"full_{name}" / "checkpoints" / "latest").read_text() == "step_6"
 
 
 @pytest.mark.slow
@@ -229,7 +236,7 @@ def test_resume_is_bit_exact(checkpointed, zero):
 def test_resume_at_another_zero_stage_is_one_line(checkpointed):
     results, tmp = checkpointed
     error = results["other_stage"]["error"]
-    assert error.startswith(f"{saved(tmp, 2, 3)}: saved at dp=2 (world size 2), ZeRO stage 2, this run is "
+    assert error.startswith(f"{saved(tmp, 'zero2', 3)}: saved at dp=2 (world size 2), ZeRO stage 2, this run is "
                             "dp=2 (world size 2), ZeRO stage 1;"), error
     assert "rapidnlp convert --from deepspeed" in error
 
@@ -247,7 +254,7 @@ def test_convert_to_native_and_hf(checkpointed, zero, tmp_path):
     from test_convert import assert_hf_logits_equal_ours
 
     _, tmp = checkpointed
-    ckpt = saved(tmp, zero, 6)
+    ckpt = saved(tmp, f"zero{zero}", 6)
     native, hf = tmp_path / "native", tmp_path / "hf"
     assert run_cli("convert", "--from", "deepspeed", str(ckpt), str(native)).returncode == 0
     res = run_cli("convert", "--to", "hf", str(ckpt), str(hf))
@@ -263,6 +270,16 @@ def test_convert_to_native_and_hf(checkpointed, zero, tmp_path):
     assert_hf_logits_equal_ours(hf, config, reference)
 
 
+class Hostile:
+    """Unpickled in full, it runs a command (which would leave `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def test_hostile_pickle_is_refused_without_running_it(tmp_path):
     """DeepSpeed's files are read with torch's weights_only unpickler: a pickle whose __reduce__
     would run a command is refused in one line and runs nothing; DeepSpeed's own types load."""
@@ -271,13 +288,8 @@ def test_hostile_pickle_is_refused_without_running_it(tmp_path):
     from rapidnlp.train.deepspeed_checkpoint import safe_load
 
     marker = tmp_path / "ran"
-
-    class Hostile:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
     path = tmp_path / "mp_rank_00_model_states.pt"
-    torch.save({"module": {}, "evil": Hostile()}, path)
+    torch.save({"module": {}, "evil": Hostile(marker)}, path)
     with pytest.raises(UserError) as e:
         safe_load(str(path))
     assert "\n" not in str(e.value) and "refused to unpickle (it names posix.system, not an allowed type)" in str(e.value)
@@ -293,20 +305,38 @@ def test_hostile_pickle_is_refused_without_running_it(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_pretrain_with_deepspeed(pd_dataset, tmp_path):
+    """As a user runs it: pretrain with checkpoints; a resume from a checkpoint whose DeepSpeed file
+    was replaced by a pickle that runs a command (its manifest rewritten to match) is one line and
+    runs nothing; async saves are refused before anything starts."""
+    from rapidnlp.train.checkpoint import manifest
+    from test_checkpoint import one_error_line
+
     run_dir = tmp_path / "run"
     common = ("pretrain", "--config", TINY, "--data.path", pd_dataset, "--train.backend", "deepspeed",
               "--train.steps", "4", "--train.eval_interval", "2", "--data.val_fraction", "0.05",
-              "--train.log_interval", "1", "--train.run_dir", str(run_dir))
-    res = run_cli(*common, "--nproc", "2", "--parallel.zero", "2", "--checkpoint.enabled", "false")
+              "--train.log_interval", "1", "--nproc", "2", "--parallel.zero", "2")
+    res = run_cli(*common, "--train.run_dir", str(run_dir), "--checkpoint.interval", "2")
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert "val_loss" in rows[1] and "val_loss" in rows[3]
     assert "step 4/4" in res.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_4"
 
-    res = run_cli(*common, "--checkpoint.async_save", "true")
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.returncode == 2 and lines == ["error: checkpoint.async_save: train.backend = deepspeed saves "
-                                             "synchronously (DeepSpeed writes its own files); set "
-                                             "checkpoint.async_save = false"], res.stderr
+    hostile, marker = tmp_path / "hostile", tmp_path / "ran"
+    shutil.copytree(run_dir / "checkpoints" / "step_2", hostile)
+    target = hostile / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's alone
+    torch.save({"optimizer_state_dict": Hostile(marker)}, target)
+    meta = json.loads((hostile / "meta.json").read_text())
+    (hostile / "meta.json").write_text(json.dumps({**meta, "files": manifest(str(hostile))}))
+    res = run_cli(*common, "--train.run_dir", str(tmp_path / "again"), "--resume", str(hostile))
+    errors = {line for line in res.stderr.splitlines() if line.startswith("error: ")}  # the same from each rank
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert errors == {f"error: {target}: refused to unpickle (it names posix.system, not an allowed type); "
+                      "DeepSpeed checkpoints are read without running code from them"}, res.stderr
+    assert not marker.exists()
+
+    res = run_cli(*common, "--train.run_dir", str(run_dir), "--checkpoint.async_save", "true")
+    assert one_error_line(res) == ("error: checkpoint.async_save: train.backend = deepspeed saves synchronously "
+                                   "(DeepSpeed writes its own files); set checkpoint.async_save = false")

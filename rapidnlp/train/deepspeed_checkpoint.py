@@ -53,12 +53,13 @@ def deepspeed_globals() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str, map_location=None):
+def safe_load(path: str, map_location=None, *, mmap: bool = False):
     """torch.load(weights_only=True) of one of DeepSpeed's files, with only deepspeed_globals()
-    admitted (for this call alone); anything else is one UserError line."""
+    admitted (for this call alone); anything else is one UserError line. With mmap, the tensors'
+    bytes are not read (a check of the pickle alone)."""
     try:
         with torch.serialization.safe_globals(deepspeed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to unpickle ({_reason(e)}); "
                         "DeepSpeed checkpoints are read without running code from them") from None
@@ -87,6 +88,16 @@ def install_safe_loading(engine) -> None:
             return safe_load(path, map_location)
 
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    engine.checkpoint_engine.zipfile_serialization = True  # the format check_pickles can read without the tensors
+
+
+def check_pickles(folder: str) -> None:
+    """Every DeepSpeed file of a checkpoint through safe_load, tensors left unread: run on rank 0
+    before DeepSpeed loads, so that a refused file stops every rank at once, before any of them
+    enters DeepSpeed's collectives (each rank reads only its own partition's files)."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".pt"):
+            safe_load(os.path.join(folder, name), mmap=True)
 
 
 def full_weights(engine) -> dict[str, torch.Tensor]:
@@ -141,6 +152,7 @@ class DeepSpeedCheckpointer(Checkpointer):
                 raise UserError(f"{path}: saved at {_describe(saved)}, this run is {_describe(here)}; DeepSpeed "
                                 "resumes at the layout it saved (its ZeRO partitions are per rank): use that layout, "
                                 f"or start from the weights: rapidnlp convert --from deepspeed {path} OUT")
+            check_pickles(os.path.join(path, TAG))
             return meta
 
         meta = checked_on_rank0(check)
