@@ -200,7 +200,8 @@ def saved(tmp, name: str, step: int):
 def checkpointed(pd_dataset, tmp_path_factory):
     """(results by run name, the folder holding every run's run dir)."""
     tmp = tmp_path_factory.mktemp("dsckpt")
-    base = {**base_overrides(tmp / "run"), "train.steps": CKPT_STEPS, "train.eval_interval": 3}
+    # dropout on: the resumed runs need each rank's RNG stream back
+    base = {**base_overrides(tmp / "run"), "train.steps": CKPT_STEPS, "train.eval_interval": 3, "model.dropout": 0.1}
     return launch_world(WORKER, 2, pd_dataset, base, checkpoint_runs(tmp), tmp), tmp
 
 
@@ -268,6 +269,26 @@ def test_convert_to_native_and_hf(checkpointed, zero, tmp_path):
     for name, tensor in reference.items():
         assert torch.equal(state[name], tensor.float()), name
     assert_hf_logits_equal_ours(hf, config, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_torch_backend_starts_from_converted_weights(checkpointed, pd_dataset, tmp_path):
+    """The torch backend refuses a DeepSpeed checkpoint in one line naming the conversion, and
+    starts from the converted weights-only checkpoint at another layout (dp=1, its own optimizer)."""
+    from test_checkpoint import ok, one_error_line, train_args
+
+    _, tmp = checkpointed
+    ckpt, native = saved(tmp, "zero3", 6), tmp_path / "native"
+    args = ("--model.max_position_embeddings", "64")  # the checkpoint's
+    line = one_error_line(run_cli(*train_args(pd_dataset, tmp_path / "a", 2, *args), "--resume", str(ckpt)))
+    assert line == (f"error: {ckpt}: a train.backend = deepspeed checkpoint; resume it with that backend, "
+                    f"or start from its weights: rapidnlp convert --from deepspeed {ckpt} OUT")
+    ok(run_cli("convert", "--from", "deepspeed", str(ckpt), str(native)))
+    res = ok(run_cli(*train_args(pd_dataset, tmp_path / "b", 2, *args), "--resume", str(native)))
+    assert f"resuming from {native}" in res.stdout
+    started = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in started] == [1, 2]  # a fresh run (step 0, its own optimizer) from those weights
 
 
 class Hostile:
