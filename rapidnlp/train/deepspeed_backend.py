@@ -159,6 +159,7 @@ class DeepSpeedTrainer(Trainer):
             row["loss_scale"], row["skipped_steps"] = loss_scale, engine.skipped_steps
         return row
 
+
 def _float(value) -> float | None:
     if value is None:
         return None

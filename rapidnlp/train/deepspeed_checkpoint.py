@@ -36,7 +36,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from rapidnlp.errors import UserError
-from rapidnlp.train.checkpoint import DEEPSPEED_KIND, Checkpointer, checked_on_rank0, layout, verify
+from rapidnlp.train.checkpoint import (DEEPSPEED_KIND, Checkpointer, check_shapes, checked_on_rank0, layout,
+                                       stored_tensors, verify)
 
 TAG = "deepspeed"  # the sub-folder DeepSpeed writes its files into
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed copies them beside it (ZeRO, bf16)
@@ -141,6 +142,8 @@ class DeepSpeedCheckpointer(Checkpointer):
     def load(self, trainer, path: str) -> dict:
         engine = trainer.model
         here = {**layout(trainer), "zero_stage": engine.zero_optimization_stage()}
+        model_shapes = {name: getattr(t, "ds_shape", t.shape)  # ZeRO-3 leaves an empty tensor and the shape
+                        for name, t in engine.module.state_dict(keep_vars=True).items()}
 
         def check() -> dict:
             meta = verify(path)
@@ -152,6 +155,13 @@ class DeepSpeedCheckpointer(Checkpointer):
                 raise UserError(f"{path}: saved at {_describe(saved)}, this run is {_describe(here)}; DeepSpeed "
                                 "resumes at the layout it saved (its ZeRO partitions are per rank): use that layout, "
                                 f"or start from the weights: rapidnlp convert --from deepspeed {path} OUT")
+            # DeepSpeed loads the module strictly, with a traceback: the same model and objectives, said first
+            check_shapes(path, model_shapes)
+            extra = sorted(set(stored_tensors(path)) - set(model_shapes))
+            if extra:
+                raise UserError(f"{path}: the checkpoint holds tensors this run's model lacks ({', '.join(extra[:3])}"
+                                f"{', ...' if len(extra) > 3 else ''}); DeepSpeed resumes the model and objectives "
+                                "it saved")
             check_pickles(os.path.join(path, TAG))
             return meta
 
