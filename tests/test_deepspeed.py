@@ -175,6 +175,7 @@ SETUPS = {f"zero{z}": {"parallel.zero": z} for z in (0, 1, 2, 3)}
 SETUPS["bf16"] = {"parallel.zero": 2, "train.precision": "bf16"}  # fp32 master weights in DeepSpeed's optimizer
 SETUPS["offload"] = {"parallel.zero": 2, "parallel.cpu_offload": True}  # DeepSpeedCPUAdam
 SETUPS["fp16"] = {"parallel.zero": 1, "train.precision": "fp16", "train.loss_scale": 1024.0}  # its loss scaler too
+SETUPS["fp16_zero0"] = {**SETUPS["fp16"], "parallel.zero": 0}  # DeepSpeed's FP16_Optimizer
 
 
 def checkpoint_runs(tmp) -> list[dict]:
@@ -215,8 +216,7 @@ def test_resume_is_bit_exact(checkpointed, name):
     bit for bit (the engine's partitions, optimizer state and step, the data position and the
     dropout RNG all come back)."""
     results, tmp = checkpointed
-    if "error" in results[f"full_{name}"]:  # fp16 where DeepSpeed's CPU accelerator lacks it (test_mixed_precision)
-        pytest.skip(results[f"full_{name}"]["error"])
+    skip_without_fp16(results, name)
     full, resumed = rows(results, f"full_{name}"), rows(results, f"resumed_{name}")
     assert resumed[0]["resumed_from"] == 3 and [r["step"] for r in resumed] == [4, 5, 6]
     keys = ("loss", "grad_norm", "lr", "val_loss", "loss_scale", "skipped_steps")
@@ -275,6 +275,31 @@ def test_convert_to_native_and_hf(checkpointed, name, tmp_path):
     for key, tensor in reference.items():
         assert state[key].dtype == tensor.dtype == torch.float32 and torch.equal(state[key], tensor), key
     assert_hf_logits_equal_ours(hf, config, reference)
+
+
+def skip_without_fp16(results, name) -> None:
+    if "error" in results[f"full_{name}"]:  # fp16 where DeepSpeed's CPU accelerator lacks it (test_mixed_precision)
+        pytest.skip(results[f"full_{name}"]["error"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fp16_without_zero_saves_its_fp32_master_weights(checkpointed):
+    """FP16_Optimizer keeps the fp32 master weights unlinked from the fp16 module: the checkpoint's
+    weights (what convert exports) are those masters, of which the module's are the fp16 rounding."""
+    from rapidnlp.convert.folders import read_native
+    from rapidnlp.train.deepspeed_checkpoint import safe_load
+
+    results, tmp = checkpointed
+    skip_without_fp16(results, "fp16_zero0")
+    ckpt = saved(tmp, "fp16_zero0", 6)
+    _, state, _ = read_native(str(ckpt))
+    module = safe_load(str(ckpt / "deepspeed" / "mp_rank_00_model_states.pt"))["module"]
+    assert set(state) == set(module)
+    for key, fp16 in module.items():
+        assert fp16.dtype == torch.float16 and state[key].dtype == torch.float32, key
+        assert torch.equal(state[key].half(), fp16), key
+    assert sum(not torch.equal(state[key], fp16.float()) for key, fp16 in module.items()) > len(module) // 2
 
 
 @pytest.mark.slow

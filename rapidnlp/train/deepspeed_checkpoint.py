@@ -101,26 +101,42 @@ def check_pickles(folder: str) -> None:
             safe_load(os.path.join(folder, name), mmap=True)
 
 
+def _fp16_masters(engine) -> dict[int, torch.Tensor]:
+    """fp16 without ZeRO: DeepSpeed's FP16_UnfusedOptimizer (what it wraps our torch AdamW in) keeps
+    an fp32 master copy of each parameter, unlinked from it."""
+    if not engine.fp16_enabled() or engine.zero_optimization():
+        return {}
+    optimizer = engine.optimizer
+    return {id(p): master for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+            for p, master in zip(group, masters)}
+
+
 def full_weights(engine) -> dict[str, torch.Tensor]:
     """{state_dict name: full fp32 tensor} on rank 0 ({} on the others): DeepSpeed's fp32 master
-    copy where it keeps one (ZeRO, bf16), else the parameter itself. Collective: every rank gathers
-    each parameter in the same order, one at a time."""
+    weights where it keeps them (ZeRO, bf16, fp16), else the parameter itself. Collective: every
+    rank gathers each parameter in the same order, one at a time."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     keep = dist.get_rank() == 0
+    fp16_masters = _fp16_masters(engine)
     gathered = {}
     for p in engine.module.parameters():  # each parameter once, tied ones too
         full = safe_get_full_fp32_param(p)
         if keep:
-            gathered[id(p)] = (p.detach() if full is None else full).float().cpu()
+            gathered[id(p)] = (fp16_masters.get(id(p), p.detach()) if full is None else full).float().cpu()
     if not keep:
         return {}
     return {name: gathered[id(t)] if isinstance(t, torch.nn.Parameter) else t.detach().cpu()
             for name, t in engine.module.state_dict(keep_vars=True).items()}
 
 
-def _describe(saved: dict) -> str:
-    return f"dp={saved['dp']} (world size {saved['world_size']}), ZeRO stage {saved['zero_stage']}"
+def _placement(layout: dict, zero_stage) -> dict:
+    """What DeepSpeed's partitions depend on."""
+    return {"dp": layout.get("dp"), "world_size": layout.get("world_size"), "zero_stage": zero_stage}
+
+
+def _describe(placement: dict) -> str:
+    return f"dp={placement['dp']} (world size {placement['world_size']}), ZeRO stage {placement['zero_stage']}"
 
 
 class DeepSpeedCheckpointer(Checkpointer):
@@ -141,7 +157,7 @@ class DeepSpeedCheckpointer(Checkpointer):
 
     def load(self, trainer, path: str) -> dict:
         engine = trainer.model
-        here = {**layout(trainer), "zero_stage": engine.zero_optimization_stage()}
+        here = _placement(layout(trainer), engine.zero_optimization_stage())
         model_shapes = {name: getattr(t, "ds_shape", t.shape)  # ZeRO-3 leaves an empty tensor and the shape
                         for name, t in engine.module.state_dict(keep_vars=True).items()}
 
@@ -150,7 +166,7 @@ class DeepSpeedCheckpointer(Checkpointer):
             if meta.get("kind") != DEEPSPEED_KIND:
                 raise UserError(f"{path}: not a train.backend = deepspeed checkpoint (kind "
                                 f"{meta.get('kind', 'training')}); the DeepSpeed backend resumes only its own")
-            saved = {**meta["layout"], "zero_stage": meta["zero_stage"]}
+            saved = _placement(meta.get("layout") or {}, meta.get("zero_stage"))
             if saved != here:
                 raise UserError(f"{path}: saved at {_describe(saved)}, this run is {_describe(here)}; DeepSpeed "
                                 "resumes at the layout it saved (its ZeRO partitions are per rank): use that layout, "
