@@ -174,6 +174,7 @@ CKPT_STEPS = 6  # saved at step 3 and 6; the resumed run continues from step 3
 SETUPS = {f"zero{z}": {"parallel.zero": z} for z in (0, 1, 2, 3)}
 SETUPS["bf16"] = {"parallel.zero": 2, "train.precision": "bf16"}  # fp32 master weights in DeepSpeed's optimizer
 SETUPS["offload"] = {"parallel.zero": 2, "parallel.cpu_offload": True}  # DeepSpeedCPUAdam
+SETUPS["offload_zero3"] = {"parallel.zero": 3, "parallel.cpu_offload": True}  # and the parameters offloaded
 SETUPS["fp16"] = {"parallel.zero": 1, "train.precision": "fp16", "train.loss_scale": 1024.0}  # its loss scaler too
 SETUPS["fp16_zero0"] = {**SETUPS["fp16"], "parallel.zero": 0}  # DeepSpeed's FP16_Optimizer
 
@@ -250,7 +251,7 @@ def test_resume_of_another_stage_or_model_is_one_line(checkpointed):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["zero2", "zero3", "bf16"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "bf16", "offload_zero3"])
 def test_convert_to_native_and_hf(checkpointed, name, tmp_path):
     """`convert --from deepspeed` gives a native weights-only checkpoint holding DeepSpeed's
     own fp32 master weights (as its zero_to_fp32 reassembles them from the partitions; under bf16
