@@ -19,7 +19,8 @@ without reading a pickle.
 DeepSpeed reads its files through its checkpoint engine: ours reads them with
 torch.load(weights_only=True), admitting, for that load only, the four DeepSpeed classes its files
 hold besides tensors and containers (`deepspeed_globals`, measured on ZeRO 0-3 in fp32, bf16 and
-fp16). A file that needs anything else is refused with one line.
+fp16). A file that needs anything else is refused with one line; rank 0 checks every file so
+before any rank loads, so that all stop together, outside DeepSpeed's collectives.
 
 Must not: unpickle anything with weights_only=False; resume at another layout or ZeRO stage
 (DeepSpeed's partitions are per dp rank; convert and start from the weights instead); import
