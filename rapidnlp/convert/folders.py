@@ -2,10 +2,10 @@
 
 `export_hf` reads a sharded checkpoint of any layout (DCP reassembles the full tensors) and
 writes a transformers folder: config.json + model.safetensors (MegatronBertForMaskedLM) and
-the tokenizer. `import_hf` turns such a folder (ours or any MegatronBERT masked-LM), and `import_deepspeed` a
-DeepSpeed-backend checkpoint, into a weights-only native checkpoint that `rapidnlp pretrain
---resume` starts from at any layout.
-Both write to a temporary folder and rename it when complete.
+the tokenizer. `import_hf` turns such a folder (ours or any MegatronBERT masked-LM), and
+`import_deepspeed` a DeepSpeed-backend checkpoint, into a weights-only native checkpoint that
+`rapidnlp pretrain --resume` starts from at any layout. Each writes to a temporary folder and
+renames it when complete.
 """
 from __future__ import annotations
 
