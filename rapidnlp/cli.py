@@ -110,6 +110,7 @@ def _run_worker(config, resume: str | None) -> int:
         dims = ParallelDims.from_config(p)
         if config.train.backend == "deepspeed":  # the optional extra: imported only when asked for
             from rapidnlp.train.deepspeed_backend import DeepSpeedTrainer as Trainer  # noqa: F811
+            from rapidnlp.train.deepspeed_checkpoint import DeepSpeedCheckpointer as Checkpointer  # noqa: F811
         trainer = Trainer(config, dims)
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption: save, then exit 0
             signal.signal(sig, trainer.request_stop)
@@ -261,7 +262,12 @@ def _convert(args: argparse.Namespace) -> int:
               + (f"; {len(stats['extras'])} pretraining-only tensors in pretraining_modules.safetensors"
                  if stats["extras"] else ""))
     else:
-        stats = folders.import_hf(args.src, args.dst)
+        if args.from_ == "deepspeed":
+            from rapidnlp.train.checkpoint import resolve_resume
+
+            stats = folders.import_deepspeed(resolve_resume(args.src, ""), args.dst)
+        else:
+            stats = folders.import_hf(args.src, args.dst)
         print(f"wrote {args.dst}: native weights-only checkpoint ({stats['tensors']} tensors); "
               f"start from it with `rapidnlp pretrain ... --resume {args.dst}`")
     return 0
@@ -361,10 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="", help="add the planner's prediction for this GPU (e.g. a100-80g)")
     p.add_argument("--collect", nargs="+", help="report existing run folders instead of training")
     p.add_argument("--merge", nargs="+", help="merge report folders (their results.csv) into --output")
-    p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM)")
+
+    p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM); "
+                                       "DeepSpeed-backend checkpoint -> native")
     direction = p.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT")
-    direction.add_argument("--from", dest="from_", choices=["hf"], help="convert --from hf HF_DIR CKPT")
+    direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT (CKPT of either backend)")
+    direction.add_argument("--from", dest="from_", choices=["hf", "deepspeed"],
+                           help="convert --from hf HF_DIR CKPT | --from deepspeed DS_CKPT CKPT (weights-only native)")
     p.add_argument("src")
     p.add_argument("dst")
 

@@ -454,10 +454,11 @@ def _check_deepspeed(config: Config) -> None:
     if p.cpu_offload and p.zero == 0:
         raise UserError("train.backend = deepspeed: parallel.cpu_offload needs parallel.zero >= 1 "
                         "(DeepSpeed's offload_optimizer is a ZeRO feature)")
-    from rapidnlp.deepspeed_config import NO_CHECKPOINTS, deepspeed_config  # torch-free
+    if config.checkpoint.enabled and config.checkpoint.async_save:
+        raise UserError("checkpoint.async_save: train.backend = deepspeed saves synchronously (DeepSpeed writes "
+                        "its own files); set checkpoint.async_save = false")
+    from rapidnlp.deepspeed_config import deepspeed_config  # torch-free
 
-    if config.checkpoint.enabled:
-        raise UserError(NO_CHECKPOINTS)
     ds = deepspeed_config(config)  # the user's JSON, checked before any process starts
     if config.model.fused_kernels and ds.get("zero_optimization", {}).get("stage", 0) == 3:
         raise UserError("model.fused_kernels with DeepSpeed ZeRO-3: the fused MLM loss decodes after the forward, when "

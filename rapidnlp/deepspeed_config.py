@@ -30,7 +30,6 @@ OWNED = {
 # Sections we refuse outright: AdamW's hyperparameters and the LR schedule are train.*'s.
 REFUSED = {"optimizer": "train.lr, train.beta1/2, train.eps, train.weight_decay",
            "scheduler": "train.warmup_steps, train.lr_decay, train.min_lr"}
-NO_CHECKPOINTS = "train.backend = deepspeed does not write checkpoints yet; set checkpoint.enabled = false"
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -2,9 +2,10 @@
 
 `export_hf` reads a sharded checkpoint of any layout (DCP reassembles the full tensors) and
 writes a transformers folder: config.json + model.safetensors (MegatronBertForMaskedLM) and
-the tokenizer. `import_hf` turns such a folder (ours or any MegatronBERT masked-LM) into a
-weights-only native checkpoint that `rapidnlp pretrain --resume` starts from at any layout.
-Both write to a temporary folder and rename it when complete.
+the tokenizer. `import_hf` turns such a folder (ours or any MegatronBERT masked-LM), and
+`import_deepspeed` a DeepSpeed-backend checkpoint, into a weights-only native checkpoint that
+`rapidnlp pretrain --resume` starts from at any layout. Each writes to a temporary folder and
+renames it when complete.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from rapidnlp.convert.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from rapidnlp.errors import UserError
 from rapidnlp.io import write_json_atomic
 from rapidnlp.model.bert import BertForMLM
-from rapidnlp.train.checkpoint import FORMAT_VERSION, check_shapes, manifest, verify
+from rapidnlp.train.checkpoint import DEEPSPEED_KIND, FORMAT_VERSION, check_shapes, manifest, verify
 from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
 
 # Conversion runs in one process on purpose: DCP's reminder that there is no process group is noise.
@@ -159,16 +160,31 @@ def import_hf(hf_dir: str, out: str) -> dict:
         config = load_config_json(ours)
         cfg.vocab_size = config.model.vocab_size
         config.model = cfg
+    return write_weights(state, config, os.path.join(hf_dir, "spiece.model"), hf_dir, out)
+
+
+def import_deepspeed(ckpt: str, out: str) -> dict:
+    """A train.backend = deepspeed checkpoint as a weights-only native checkpoint: its gathered fp32
+    weights (DCP shards, as every native checkpoint holds them) with the objectives' modules;
+    DeepSpeed's own pickled files are not read at all."""
+    if verify(ckpt).get("kind") != DEEPSPEED_KIND:
+        raise UserError(f"{ckpt}: not a train.backend = deepspeed checkpoint; native checkpoints resume as they are")
+    config, state, extras = read_native(ckpt)
+    return write_weights({**state, **extras}, config, os.path.join(ckpt, "tokenizer.model"), ckpt, out)
+
+
+def write_weights(state: dict[str, torch.Tensor], config: Config, tokenizer: str, source: str, out: str) -> dict:
+    """A weights-only native checkpoint (kind "weights"): `rapidnlp pretrain --resume` starts a
+    fresh run from it at any layout."""
     tmp = _fresh(out)
     try:
         state = {k: v.contiguous() for k, v in state.items()}
         dcp.save({"model": state}, checkpoint_id=tmp, no_dist=True)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(config.to_json())
-        spiece = os.path.join(hf_dir, "spiece.model")
-        if os.path.isfile(spiece):
-            shutil.copyfile(spiece, os.path.join(tmp, "tokenizer.model"))
-        meta = {"format": FORMAT_VERSION, "kind": "weights", "step": 0, "source": os.path.abspath(hf_dir),
+        if os.path.isfile(tokenizer):
+            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        meta = {"format": FORMAT_VERSION, "kind": "weights", "step": 0, "source": os.path.abspath(source),
                 "layout": None, "files": manifest(tmp)}
         write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         _finish(tmp, out)

@@ -42,6 +42,7 @@ from rapidnlp.io import atomic_write, write_json_atomic
 from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
 
 FORMAT_VERSION = 1
+DEEPSPEED_KIND = "deepspeed"  # meta.json's kind of a DeepSpeed-backend checkpoint (rapidnlp/train/deepspeed_checkpoint.py)
 
 
 def checkpoints_root(run_dir: str) -> str:
@@ -182,6 +183,21 @@ def verify(path: str) -> dict:
         if _crc32(full) != want["crc32"]:
             raise UserError(f"{full}: corrupted (checksum mismatch)")
     return meta
+
+
+def checked_on_rank0(check):
+    """check() run on rank 0 only (a checkpoint's files are read once, not by every rank); its
+    result is returned on every rank, and its UserError raised on every rank."""
+    out = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            out = [None, check()]
+        except UserError as e:
+            out = [str(e), None]
+    dist.broadcast_object_list(out, src=0)
+    if out[0]:
+        raise UserError(out[0])
+    return out[1]
 
 
 def stored_tensors(path: str, prefix: str = "model.") -> dict[str, torch.Size]:
@@ -444,39 +460,30 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
             os.makedirs(os.path.join(tmp, "rng"))
         dist.barrier()
-        state = {"model": model_state(trainer.model), "optim": optimizer_state(trainer.model, trainer.optimizer, trainer.device)}
         future, error = None, None
         try:
-            if self.async_save:
-                # The writer thread runs collectives of its own: on a separate gloo group, so
-                # that they never interleave with training's on the default group.
-                if self._async_group is None:
-                    self._async_group = dist.new_group(backend="gloo")
-                future = dcp.async_save(state, storage_writer=self.writer(tmp), process_group=self._async_group)
-            else:
-                dcp.save(state, storage_writer=self.writer(tmp))
+            future = self._write_state(trainer, tmp)
             self._write_own_files(trainer, tmp)
         except (Exception, CheckpointException) as e:  # a full disk, a lost mount: agreed in wait()
             error = e
-        meta = None
-        if rank == 0:
-            meta = {
-                "format": FORMAT_VERSION,
-                "step": trainer.step,
-                "consumed_samples": trainer.sampler.consumed_samples,
-                "consumed_tokens": trainer.sampler.consumed_samples * trainer.config.data.seq_len,
-                "sampler": trainer.sampler.state_dict(),
-                "layout": layout(trainer),
-                "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None,
-                "skipped": {"total": trainer.skipped_steps, "in_a_row": trainer.skipped_in_a_row,
-                            "last_finite": trainer.last_finite},
-                "saved_at": time.time(),
-            }
+        meta = self._meta(trainer) if rank == 0 else None
         self._pending = (future, tmp, final, meta, trainer.step, error)
         if not self.async_save:
             self.wait()
         self.last_save_time = time.monotonic()
         return final
+
+    def _write_state(self, trainer, tmp: str):
+        """Model and optimizer into tmp (DCP shards); returns the async save's future, or None."""
+        state = {"model": model_state(trainer.model), "optim": optimizer_state(trainer.model, trainer.optimizer, trainer.device)}
+        if not self.async_save:
+            dcp.save(state, storage_writer=self.writer(tmp))
+            return None
+        # The writer thread runs collectives of its own: on a separate gloo group, so that
+        # they never interleave with training's on the default group.
+        if self._async_group is None:
+            self._async_group = dist.new_group(backend="gloo")
+        return dcp.async_save(state, storage_writer=self.writer(tmp), process_group=self._async_group)
 
     def _write_own_files(self, trainer, tmp: str) -> None:
         """What each rank writes beside the shards: its RNG state; rank 0 the config and tokenizer."""
@@ -487,6 +494,21 @@ class Checkpointer:
                 f.write(trainer.config.to_json())
             if self.tokenizer and os.path.isfile(self.tokenizer):
                 shutil.copyfile(self.tokenizer, os.path.join(tmp, "tokenizer.model"))
+
+    def _meta(self, trainer) -> dict:
+        """meta.json's content (rank 0), less the file manifest written when the save is complete."""
+        return {
+            "format": FORMAT_VERSION,
+            "step": trainer.step,
+            "consumed_samples": trainer.sampler.consumed_samples,
+            "consumed_tokens": trainer.sampler.consumed_samples * trainer.config.data.seq_len,
+            "sampler": trainer.sampler.state_dict(),
+            "layout": layout(trainer),
+            "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+            "skipped": {"total": trainer.skipped_steps, "in_a_row": trainer.skipped_in_a_row,
+                        "last_finite": trainer.last_finite},
+            "saved_at": time.time(),
+        }
 
     def wait(self) -> None:
         """Finish the save in flight, if any: wait for its shards on every rank, then (rank 0)
@@ -557,26 +579,22 @@ class Checkpointer:
     def load(self, trainer, path: str) -> dict:
         """Restore model, optimizer, step, sampler and (same layout) RNG states from `path`."""
         self.wait()
-        rank = dist.get_rank()
         model_sd = model_state(trainer.model)
-        error, news = [None], [[]]
-        if rank == 0:
-            try:
-                verify(path)
-                check_shapes(path, {k: v.shape for k, v in model_sd.items() if isinstance(v, torch.Tensor)},
-                             optional=trainer.piece_names)
-                news = [self._module_changes(path, trainer)]
-            except UserError as e:
-                error = [str(e)]
-        dist.broadcast_object_list(error, src=0)
-        if error[0]:
-            raise UserError(error[0])
-        dist.broadcast_object_list(news, src=0)
-        if news[0] and rank == 0:
-            print(f"{path}: new objective modules start from initialisation: {', '.join(news[0])}", flush=True)
+
+        def check() -> list[str]:
+            if verify(path).get("kind") == DEEPSPEED_KIND:
+                raise UserError(f"{path}: a train.backend = deepspeed checkpoint; resume it with that backend, "
+                                f"or start from its weights: rapidnlp convert --from deepspeed {path} OUT")
+            check_shapes(path, {k: v.shape for k, v in model_sd.items() if isinstance(v, torch.Tensor)},
+                         optional=trainer.piece_names)
+            return self._module_changes(path, trainer)
+
+        news = checked_on_rank0(check)
+        if news and dist.get_rank() == 0:
+            print(f"{path}: new objective modules start from initialisation: {', '.join(news)}", flush=True)
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        new = set(news[0])
+        new = set(news)
         state = {"model": {k: v for k, v in model_sd.items() if k.split(".")[0] not in new}}
         if meta.get("kind") != "weights":  # imported (rapidnlp convert --from hf): a fresh run from these weights
             optim = optimizer_state(trainer.model, trainer.optimizer, trainer.device)
@@ -587,19 +605,23 @@ class Checkpointer:
         if "optim" not in state:
             return meta
         _sync_tied_copies(trainer.model, trainer.optimizer)
+        self._restore_progress(trainer, path, meta, changed_objectives=bool(new))
+        return meta
+
+    def _restore_progress(self, trainer, path: str, meta: dict, *, changed_objectives: bool = False) -> None:
+        """Step, data position, loss scale and (same layout) this rank's RNG streams."""
         trainer.step = meta["step"]
-        _load_sampler(trainer, meta["sampler"], path, changed_objectives=bool(new))
+        _load_sampler(trainer, meta["sampler"], path, changed_objectives=changed_objectives)
         if trainer.scaler and meta.get("loss_scaler"):
             trainer.scaler.load_state_dict(meta["loss_scaler"])
         skipped = meta.get("skipped", {})
         trainer.skipped_steps = skipped.get("total", 0)
         trainer.skipped_in_a_row = skipped.get("in_a_row", 0)
         trainer.last_finite = tuple(skipped["last_finite"]) if skipped.get("last_finite") else None
-        rng_file = os.path.join(path, "rng", f"rank_{rank}.json")
+        rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank()}.json")
         # RNG streams only mean something on the same layout (they drive dropout per rank).
         saved = {k: v for k, v in meta["layout"].items() if k != "dp_mode"}  # dp_mode: before zero alone
         if saved == layout(trainer) and os.path.isfile(rng_file):
             with open(rng_file) as f:
                 set_rng_state(json.load(f))
         self.last_save_time = time.monotonic()
-        return meta

@@ -26,23 +26,26 @@ On CPU (DeepSpeed 0.19.8, torch 2.13):
   a ValueError deep in initialize, so we refuse fp16 first with one line.
 - Without ZeRO and mixed precision it clips with a gradient norm it does not keep; we compute
   that norm from the reduced gradients for the metrics.
-- Checkpoints are not written yet: the engine's own format is not our layout
-  (rapidnlp.train.checkpoint), so checkpoint.enabled = true is refused with one line.
+- Checkpoints (rapidnlp.train.deepspeed_checkpoint) hold DeepSpeed's own files, which it reads
+  back through our checkpoint engine (torch.load with weights_only=True, never a full unpickle),
+  and the gathered fp32 weights in our DCP format for `rapidnlp convert`.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 
 import torch
 
 from rapidnlp.config import Config
-from rapidnlp.deepspeed_config import NO_CHECKPOINTS, deepspeed_config
+from rapidnlp.deepspeed_config import deepspeed_config
 from rapidnlp.distributed.mesh import ParallelDims
 from rapidnlp.errors import UserError
 from rapidnlp.optim import lr_at, param_groups
 from rapidnlp.optim.norms import global_norm
+from rapidnlp.train.deepspeed_checkpoint import install_safe_loading
 from rapidnlp.train.memory import optimizer_state_bytes, tensor_bytes
 from rapidnlp.train.trainer import Data, Trainer, reduce_dp
 
@@ -68,8 +71,6 @@ class DeepSpeedTrainer(Trainer):
     the step differs: DeepSpeed accumulates, reduces, clips and steps."""
 
     def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None):
-        if config.checkpoint.enabled:
-            raise UserError(NO_CHECKPOINTS)
         self.ds_config = deepspeed_config(config)
         super().__init__(config, dims, data=data, stream=stream)
 
@@ -100,6 +101,7 @@ class DeepSpeedTrainer(Trainer):
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
+        install_safe_loading(self.model)
         self.base_optimizer = optimizer  # ours; DeepSpeed's wrapper steps it on flat partitions
         # Without ZeRO and mixed precision DeepSpeed clips with a norm it does not keep: we take
         # it from the dp-reduced gradients before its step.
@@ -154,14 +156,12 @@ class DeepSpeedTrainer(Trainer):
         }
         row = self._finish_step(sums, norms, lr, grad_norm, started, memory)
         row["data_wait_s"] = waited
+        # DeepSpeed skips only fp16 overflows; in fp32/bf16 it applies a non-finite step, which
+        # still counts towards train.max_skipped_steps (and non-finite weights are never saved).
+        self._count_skip(row, overflow or not math.isfinite(row["loss"]))
         if fp16:
-            row["loss_scale"], row["skipped_steps"] = loss_scale, engine.skipped_steps
+            row["loss_scale"] = loss_scale
         return row
-
-    def fit(self, checkpointer=None, resume: str | None = None) -> list[dict]:
-        if checkpointer is not None or resume:
-            raise UserError(NO_CHECKPOINTS)
-        return super().fit(None, None)
 
 
 def _float(value) -> float | None:
