@@ -83,6 +83,7 @@ class TrainConfig:
     loss_scale_window: int = 1000  # fp16: grow the scale x2 after this many steps without inf/nan
     activation_checkpoint: str = "none"  # none | full | selective (attention core only)
     activation_checkpoint_every: int = 1  # full: checkpoint every k-th block
+    compile: str = "auto"  # auto | true | false: per-block torch.compile (auto: on CUDA, off on CPU)
     run_dir: str = "runs/default"
     eval_interval: int = 0  # 0: no validation
     eval_batches: int = 2
@@ -340,6 +341,9 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"train.activation_checkpoint = '{t.activation_checkpoint}': choose none, full or selective")
     if t.activation_checkpoint_every < 1:
         raise UserError("train.activation_checkpoint_every must be at least 1")
+    t.compile = t.compile.lower()  # a TOML `compile = true` arrives as "True"
+    if t.compile not in ("auto", "true", "false"):
+        raise UserError(f"train.compile = '{t.compile}': choose auto, true or false")
     if t.optimizer not in ("adamw", "lamb"):
         raise UserError(f"train.optimizer = '{t.optimizer}': choose adamw or lamb")
     if t.lr_decay not in ("linear", "cosine", "constant"):
@@ -440,6 +444,7 @@ def max_predictions(config: Config) -> int:
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zero_bubble", "zbv")
+ZERO_BUBBLE = ("zero_bubble", "zbv")  # split backward (input, then weight gradients)
 
 
 def pp_split_counts(p: ParallelConfig) -> list[int]:
@@ -473,6 +478,12 @@ def _check_pipeline(config: Config) -> None:
             "parallel.zero = 1 with parallel.pp > 1: pipeline stages are data-parallel through the composable "
             "replicate (DTensor parameters), which torch 2.13's ZeroRedundancyOptimizer cannot hold; "
             "use parallel.zero = 2"
+        )
+    if p.pp_schedule in ZERO_BUBBLE and config.train.compile == "true":
+        raise UserError(
+            f"parallel.pp_schedule = {p.pp_schedule} with train.compile = true: compiled blocks cannot split their "
+            "backward into input and weight gradients, which zero-bubble schedules do; use 1f1b or interleaved1f1b, "
+            "or train.compile = false"
         )
     stages = p.pp * v
     counts = pp_split_counts(p)
