@@ -90,17 +90,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_batches(seq_len: int, batch: int, count: int, vocab: int, max_pred: int, seed: int) -> list[dict]:
-    """Real MLM batches over synthetic documents: sentences of 8..40 tokens packed to seq_len."""
+def synthetic_samples(seq_len: int, samples: int, vocab: int, max_pred: int, seed: int) -> MLMSampleBuilder:
+    """Real MLM samples (masking, packing, padding as in training) over synthetic documents:
+    sentences of 8..40 tokens drawn from a Zipf law (as words are, so that a model learns
+    something: the loss falls), 1..11 sentences per document, packed to seq_len."""
     rng = np.random.default_rng(seed)
     sentences, doc_index = [], [0]
-    while len(sentences) < count * batch * (seq_len // 16 + 1):
+    while len(sentences) < samples * (seq_len // 16 + 1):
         for _ in range(rng.integers(1, 12)):
-            sentences.append(rng.integers(5, vocab, size=int(rng.integers(8, 41))))
+            sentences.append(5 + (rng.zipf(1.2, size=int(rng.integers(8, 41))) - 1) % (vocab - 5))
         doc_index.append(len(sentences))
     ranges = build_sample_ranges(np.array([len(s) for s in sentences]), np.array(doc_index), seq_len - 2)
     special = SpecialIds(pad=0, cls=2, sep=3, mask=4, vocab_size=vocab)
-    builder = MLMSampleBuilder(sentences, ranges, special, seq_len=seq_len, max_predictions=max_pred, seed=seed)
+    return MLMSampleBuilder(sentences, ranges, special, seq_len=seq_len, max_predictions=max_pred, seed=seed)
+
+
+def make_batches(seq_len: int, batch: int, count: int, vocab: int, max_pred: int, seed: int) -> list[dict]:
+    builder = synthetic_samples(seq_len, count * batch, vocab, max_pred, seed)
     return [builder.collate(range(i * batch, (i + 1) * batch)) for i in range(count)]
 
 

@@ -59,3 +59,47 @@ def test_bench_throughput_prints_its_table(tmp_path):
             assert re.search(rf"\| {what} \| {impl} \| [\d,]+ \| [\d,.]+ \| [\d,.]+ \| \d+% \| [\d.]+x \|", text), text
     assert re.search(r"- fp32 whole ours: \d+% of GEMM peak \(target 85%\), [\d.]+x hf eager \(target 1.05x\): (met|MISS)",
                      text), text
+
+
+GPU_CHECK = str(REPO / "scripts" / "gpu_check.sh")
+
+
+def _gpu_check(*args: str, timeout: float = 600):
+    import subprocess
+
+    from conftest import clean_env
+
+    return subprocess.run(["bash", GPU_CHECK, *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(PYTHON=__import__("sys").executable))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--bogus",), "gpu_check.sh: unknown argument '--bogus' (expected --out DIR, --dry-run or --help)"),
+    (("--out",), "gpu_check.sh: --out needs a folder"),
+])
+def test_gpu_check_refuses_bad_arguments(args, message):
+    done = _gpu_check(*args)
+    assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_check_dry_run_writes_every_table(tmp_path):
+    """Every stage of scripts/gpu_check.sh on the CPU at toy sizes, through the same staging of the
+    package (a copy on PYTHONPATH, not the installed one) that the GPU machine uses."""
+    out = tmp_path / "gpu"
+    done = _gpu_check("--dry-run", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    for stage in ("env", "kernels", "train", "throughput"):
+        assert re.search(rf"\| {stage} \| ok \| \d+ \|", summary), summary
+    env = (out / "env.md").read_text()
+    assert re.search(r"\| torch \| 2\.\d+", env) and "| import rapidnlp.train.trainer | ok |" in env, env
+    kernels = (out / "kernels.md").read_text()
+    assert "| kernel | shape | fused ms | GB/s | % peak | eager ms | x eager | compile ms | x compile" in kernels
+    assert re.search(r"\| bias_gelu \| ", kernels), kernels
+    train = (out / "train.md").read_text()
+    assert "- backend gloo: ok" in train and "- loss falls" in train and "FAIL" not in train, train
+    assert len(re.findall(r"^\| \d+ \| [\d.]+ \| [\d.]+ \|", train, re.M)) == 4, train
+    throughput = (out / "throughput_300m.md").read_text()
+    assert re.search(r"\| whole \| ours \| [\d,]+ \|", throughput) and "GEMM peak" in throughput, throughput
