@@ -54,4 +54,4 @@ else
 fi
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
-exec "$python" scripts/gpu_check.py --out "$out_dir" "${dry_run[@]}"
+exec "$python" scripts/gpu_check.py --out "$out_dir" ${dry_run[@]+"${dry_run[@]}"}

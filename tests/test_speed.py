@@ -53,8 +53,9 @@ def test_bench_throughput_prints_its_table(tmp_path):
                        "--batch", "2", "--vocab", "300", "--steps", "2", "--warmup", "1", "--threads", "1",
                        "--impls", "ours", "hf", "--precision", "fp32", "--out", str(out)]) == 0
     text = out.read_text()
-    assert re.search(r"### fp32: GEMM peak [\d,.]+ GFLOP/s measured now", text), text
     for what in ("whole", "encoder"):
+        assert re.search(rf"\| {what} \| GEMM peak: 12 Linear GEMMs of a block at 64 tokens \| \| \| [\d,.]+ \| 100% \|",
+                         text), text
         for impl in ("ours", "hf"):
             assert re.search(rf"\| {what} \| {impl} \| [\d,]+ \| [\d,.]+ \| [\d,.]+ \| \d+% \| [\d.]+x \|", text), text
     assert re.search(r"- fp32 whole ours: \d+% of GEMM peak \(target 85%\), [\d.]+x hf eager \(target 1.05x\): (met|MISS)",

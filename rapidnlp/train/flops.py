@@ -30,8 +30,7 @@ def peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | 
 
 def gemm_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
               seconds: float = 0.5) -> float:
-    """FLOP/s of the GEMMs (m, k, n) run back to back on this device in `dtype`, measured now:
-    the rate a model made of these GEMMs could reach at most (the benchmarks' "GEMM peak").
+    """FLOP/s of the GEMMs (m, k, n) run back to back on this device in `dtype`, measured now.
     The median over rounds of the whole set, repeated for about `seconds` after one warm-up
     round (a median, as the benchmarks take of their steps, so a busy machine slows both alike)."""
     import statistics
