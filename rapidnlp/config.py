@@ -333,6 +333,9 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"train.precision = '{t.precision}': choose fp32, bf16 or fp16")
     if t.grad_reduce_dtype not in ("fp32", "bf16"):
         raise UserError(f"train.grad_reduce_dtype = '{t.grad_reduce_dtype}': choose fp32 or bf16")
+    t.compile = t.compile.lower()  # a TOML `compile = true` arrives as "True"
+    if t.compile not in ("auto", "true", "false"):
+        raise UserError(f"train.compile = '{t.compile}': choose auto, true or false")
     if t.backend not in ("torch", "deepspeed"):
         raise UserError(f"train.backend = '{t.backend}': choose torch or deepspeed")
     if t.backend == "deepspeed":
@@ -341,9 +344,6 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"train.activation_checkpoint = '{t.activation_checkpoint}': choose none, full or selective")
     if t.activation_checkpoint_every < 1:
         raise UserError("train.activation_checkpoint_every must be at least 1")
-    t.compile = t.compile.lower()  # a TOML `compile = true` arrives as "True"
-    if t.compile not in ("auto", "true", "false"):
-        raise UserError(f"train.compile = '{t.compile}': choose auto, true or false")
     if t.optimizer not in ("adamw", "lamb"):
         raise UserError(f"train.optimizer = '{t.optimizer}': choose adamw or lamb")
     if t.lr_decay not in ("linear", "cosine", "constant"):
@@ -421,6 +421,8 @@ def _check_deepspeed(config: Config) -> None:
         raise UserError("train.backend = deepspeed: parallel.hsdp_shard is torch's HSDP; DeepSpeed's is hpZ in its JSON config")
     if t.optimizer != "adamw":
         raise UserError(f"train.backend = deepspeed: train.optimizer = {t.optimizer} is not offered; use adamw")
+    if t.compile == "true":
+        raise UserError("train.backend = deepspeed: train.compile = true is the torch backend's; set it to auto or false")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise UserError(f"train.deepspeed_config: {t.deepspeed_config} not found")
     if p.cpu_offload and p.zero == 0:

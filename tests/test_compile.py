@@ -90,3 +90,13 @@ def test_zero_bubble_refuses_compile():
     config.train.compile = "sometimes"
     with pytest.raises(UserError, match="train.compile = 'sometimes': choose auto, true or false"):
         resolve_layout(config, 2)
+
+
+def test_deepspeed_refuses_compile():
+    from rapidnlp.config import Config, resolve_layout
+    from rapidnlp.errors import UserError
+
+    config = Config()
+    config.train.backend, config.train.compile, config.checkpoint.enabled = "deepspeed", "true", False
+    with pytest.raises(UserError, match="train.backend = deepspeed: train.compile = true is the torch backend's"):
+        resolve_layout(config, 1)

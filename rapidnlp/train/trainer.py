@@ -139,6 +139,8 @@ def _gradient_sync(model, enabled: bool):
 
 
 class Trainer:
+    compiled = False  # blocks compiled (train.compile); another backend's _build_model leaves it off
+
     def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None):
         self.config = config
         self.dims = dims
