@@ -202,14 +202,20 @@ def precisions(args, device: torch.device) -> tuple[list[str], str]:
 
 
 class Table:
-    """Lines printed as they come and kept for --out."""
+    """Lines printed as they come and, given a path (--out), written there as they come too (a
+    run stopped early keeps its finished rows)."""
 
-    def __init__(self):
-        self.lines = []
+    def __init__(self, path: str | None = None):
+        self.file = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "w")
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
-        self.lines.append(line)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
 
 
 def run_precision(name: str, args, m, models, batches, device, seq_len, batch, max_pred, config, out: Table) -> dict:
@@ -311,7 +317,7 @@ def main(argv=None) -> int:
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     chosen, why = precisions(args, device)
 
-    out = Table()
+    out = Table(args.out)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     out(f"## bench_throughput: {where}; torch {torch.__version__}")
     out()
@@ -345,10 +351,6 @@ def main(argv=None) -> int:
     out()
     for line in summary:
         out(line)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(out.lines) + "\n")
     return 0
 
 

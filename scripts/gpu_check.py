@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -89,14 +90,20 @@ def stage_env(args) -> bool:
 
 
 def stage_kernels(args) -> bool:
+    """bench_kernels.py's table, each row written to kernels.md as it comes (a stage stopped by its
+    time limit keeps the rows it finished)."""
     shape = ["--tokens", "512", "--hidden", "64"] if args.dry_run else ["--tokens", "65536", "--hidden", "1024"]
     cmd = [sys.executable, os.path.join(HERE, "bench_kernels.py"), *shape, "--dtype", "bf16"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    print(done.stdout + done.stderr)
-    table = [line for line in done.stdout.splitlines() if line.startswith("|")]
-    notes = [line for line in done.stdout.splitlines() if line and not line.startswith("|")]
-    write(args.out, "kernels.md", ["# Fused kernels, forward + backward, bf16", "", *notes, "", *table])
-    return done.returncode == 0 and len(table) > 2
+    rows = 0
+    with open(os.path.join(args.out, "kernels.md"), "w") as table:
+        table.write("# Fused kernels, forward + backward, bf16\n\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            table.write(line if line.startswith("|") else f"{line.rstrip()}\n\n" if line.strip() else "")
+            table.flush()
+            rows += line.startswith("|")
+    return proc.wait() == 0 and rows > 2
 
 
 def train_config(args, compiled: bool):
@@ -214,10 +221,15 @@ def run_stage(args, stage: str) -> tuple[str, float]:
         "OMPI_COMM_WORLD_RANK", "PMI_RANK")}
     started = time.perf_counter()
     print(f"== {stage} (limit {LIMITS[stage]} s)", flush=True)
+    # A session of its own, so that a stage over its limit is stopped with its children (the
+    # kernel benchmark runs in one) and frees the GPU for the next.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        code = subprocess.run(cmd, env=env, timeout=LIMITS[stage]).returncode
+        code = proc.wait(timeout=LIMITS[stage])
         status = "ok" if code == 0 else f"FAIL (exit {code})"
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         status = f"TIMEOUT after {LIMITS[stage]} s"
     return status, time.perf_counter() - started
 
