@@ -100,3 +100,17 @@ def test_deepspeed_refuses_compile():
     config.train.backend, config.train.compile, config.checkpoint.enabled = "deepspeed", "true", False
     with pytest.raises(UserError, match="train.backend = deepspeed: train.compile = true is the torch backend's"):
         resolve_layout(config, 1)
+
+
+@pytest.mark.parametrize("setting, device, schedule, on", [
+    ("auto", "cpu", "1f1b", False), ("auto", "cuda", "1f1b", True), ("auto", "cuda", "zbv", False),
+    ("true", "cpu", "1f1b", True), ("false", "cuda", "1f1b", False),
+])
+def test_auto_compiles_on_cuda_only(setting, device, schedule, on):
+    import torch
+
+    from rapidnlp.config import ParallelConfig, TrainConfig
+    from rapidnlp.parallel.compile import compile_enabled
+
+    train, parallel = TrainConfig(compile=setting), ParallelConfig(pp=2, pp_schedule=schedule)
+    assert compile_enabled(train, parallel, torch.device(device)) == on
