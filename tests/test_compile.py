@@ -6,6 +6,8 @@ the tolerance below); and the recompilation count over runs that evaluate every 
 blocks compile once for training and once for evaluation, never again. A small model (4 layers x
 64) keeps compile time down; all blocks share their graphs, so depth costs no compile time.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,11 @@ from conftest import assert_curves_equal, base_overrides, launch_worlds, series
 STEPS = 20
 SMALL = {"model.num_layers": 4, "model.hidden_size": 64, "model.num_heads": 2, "model.ffn_size": 128}
 COMPILED = {**SMALL, "train.compile": "true"}
+# The fused dropout-add draws a new Philox seed each call, outside the compiled graphs. Run as
+# production CPU runs are, on the PyTorch references: Dynamo cannot trace Triton's interpreter.
+FUSED_DROPOUT = {"model.fused_kernels": True, "model.dropout": 0.1}
+FUSED_WORLD = {1: {"fused_dropout_compiled": {**COMPILED, **FUSED_DROPOUT},
+                   "fused_dropout_eager": {**SMALL, **FUSED_DROPOUT, "train.compile": "false"}}}
 WORLDS = {
     1: {
         "single_compiled": COMPILED,
@@ -28,7 +35,7 @@ WORLDS = {
                             "parallel.pp_virtual_stages": 2},
     },
 }
-LAYOUTS = [name for world in WORLDS.values() for name in world if name not in ("single_compiled", "single_eager")]
+LAYOUTS = [name for world in WORLDS.values() for name in world if not name.startswith("single")]
 # Compiled vs eager in fp32: inductor fuses and reorders reductions (LayerNorm, softmax, the GEMM
 # epilogues), which changes the last bits of each step's values, and Adam's division by sqrt(v)
 # can grow such differences over the steps. Measured over these 20 steps: at most 1.6e-7 (loss,
@@ -39,7 +46,17 @@ EAGER_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def curves(pd_dataset, tmp_path_factory):
-    return launch_worlds(WORLDS, pd_dataset, base_overrides, tmp_path_factory)
+    results = launch_worlds(WORLDS, pd_dataset, base_overrides, tmp_path_factory)
+    interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # the launched workers' environment (clean_env copies it)
+    try:
+        results.update(launch_worlds(FUSED_WORLD, pd_dataset, base_overrides, tmp_path_factory))
+    finally:
+        if interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+    return results
 
 
 @pytest.mark.slow
@@ -61,7 +78,17 @@ def test_compiled_tracks_eager(curves):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", ["single_compiled", *LAYOUTS])
+def test_compiled_fused_dropout_tracks_eager(curves):
+    """Dropout on, fused kernels: each step's masks are new (seeds drawn eagerly, from the same
+    generator in the same order), so compiled and eager draw the same masks and agree as above."""
+    compiled, eager = curves["fused_dropout_compiled"], curves["fused_dropout_eager"]
+    assert_curves_equal(compiled, eager, ("loss", "grad_norm", "val_loss"), STEPS, rtol=EAGER_RTOL)
+    assert not np.allclose(series(eager, "loss"), series(curves["single_eager"], "loss"), rtol=1e-3)  # dropout ran
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", ["single_compiled", "fused_dropout_compiled", *LAYOUTS])
 def test_evaluation_does_not_recompile(curves, layout):
     """Graphs per row (this run's count so far): training's after step 1, evaluation's after the
     first validation (step 4), then no more over 4 further evaluations and 16 training steps."""
