@@ -211,11 +211,18 @@ def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch
     if not training:
         p = 0.0
     if p > 0.0 and seed is None:
-        seed = draw_seed()
+        return _with_drawn_seed(x, bias, residual, p, offset, shard)
     seed = seed or 0
     if not use_triton(x, bias, residual):
         return bias_dropout_add_reference(x, bias, residual, p, True, seed, offset, shard)
     return BiasDropoutAdd.apply(x, bias, residual, p, seed, offset, shard)
+
+
+@torch.compiler.disable
+def _with_drawn_seed(x, bias, residual, p: float, offset: int, shard: tuple[int, int]) -> torch.Tensor:
+    """bias_dropout_add with a seed drawn now, outside any compiled graph (train.compile): traced,
+    each step's new seed (a Python int) would specialise the graph and recompile the block."""
+    return bias_dropout_add(x, bias, residual, p, True, draw_seed(), offset, shard)
 
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool = True,

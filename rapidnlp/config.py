@@ -85,6 +85,7 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0  # a collective that waits longer fails the run (a hung or lost rank)
     activation_checkpoint: str = "none"  # none | full | selective (attention core only)
     activation_checkpoint_every: int = 1  # full: checkpoint every k-th block
+    compile: str = "auto"  # auto | true | false: per-block torch.compile (auto: on CUDA, off on CPU)
     run_dir: str = "runs/default"
     eval_interval: int = 0  # 0: no validation
     eval_batches: int = 2
@@ -360,6 +361,9 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"train.precision = '{t.precision}': choose fp32, bf16 or fp16")
     if t.grad_reduce_dtype not in ("fp32", "bf16"):
         raise UserError(f"train.grad_reduce_dtype = '{t.grad_reduce_dtype}': choose fp32 or bf16")
+    t.compile = t.compile.lower()  # a TOML `compile = true` arrives as "True"
+    if t.compile not in ("auto", "true", "false"):
+        raise UserError(f"train.compile = '{t.compile}': choose auto, true or false")
     if t.backend not in ("torch", "deepspeed"):
         raise UserError(f"train.backend = '{t.backend}': choose torch or deepspeed")
     if t.backend == "deepspeed":
@@ -449,6 +453,8 @@ def _check_deepspeed(config: Config) -> None:
         raise UserError("train.backend = deepspeed: parallel.hsdp_shard is torch's HSDP; DeepSpeed's is hpZ in its JSON config")
     if t.optimizer != "adamw":
         raise UserError(f"train.backend = deepspeed: train.optimizer = {t.optimizer} is not offered; use adamw")
+    if t.compile == "true":
+        raise UserError("train.backend = deepspeed: train.compile = true is the torch backend's; set it to auto or false")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise UserError(f"train.deepspeed_config: {t.deepspeed_config} not found")
     if p.cpu_offload and p.zero == 0:
@@ -476,6 +482,7 @@ def max_predictions(config: Config) -> int:
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zero_bubble", "zbv")
+ZERO_BUBBLE = ("zero_bubble", "zbv")  # split backward (input, then weight gradients)
 
 
 def pp_split_counts(p: ParallelConfig) -> list[int]:
@@ -509,6 +516,12 @@ def _check_pipeline(config: Config) -> None:
             "parallel.zero = 1 with parallel.pp > 1: pipeline stages are data-parallel through the composable "
             "replicate (DTensor parameters), which torch 2.13's ZeroRedundancyOptimizer cannot hold; "
             "use parallel.zero = 2"
+        )
+    if p.pp_schedule in ZERO_BUBBLE and config.train.compile == "true":
+        raise UserError(
+            f"parallel.pp_schedule = {p.pp_schedule} with train.compile = true: compiled blocks cannot split their "
+            "backward into input and weight gradients, which zero-bubble schedules do; use 1f1b or interleaved1f1b, "
+            "or train.compile = false"
         )
     stages = p.pp * v
     counts = pp_split_counts(p)

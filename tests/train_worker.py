@@ -145,6 +145,10 @@ def train_run(run: dict, config: Config):
         return dense_twin_check(config)
     from rapidnlp.train.trainer import Trainer
 
+    if config.train.compile == "true":
+        # Each run compiles afresh: the runs of one world would otherwise share this process's
+        # compiled graphs and Dynamo's recompile limit (past it, blocks silently run eagerly).
+        torch._dynamo.reset()
     trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open("/dev/null", "w"))
     if "inject" in run:
         inject(trainer, **run["inject"])

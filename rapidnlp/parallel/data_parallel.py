@@ -27,11 +27,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from rapidnlp.errors import UserError
 from rapidnlp.model.bert import BertForMLM
 
 
@@ -56,12 +56,23 @@ def apply_fsdp(model: BertForMLM, mesh: DeviceMesh, *, reshard_after_forward: bo
 def apply_ddp(model: BertForMLM, dp_mesh: DeviceMesh, *, has_dtensors: bool,
               reduce_dtype: torch.dtype | None = None) -> nn.Module:
     if has_dtensors:
-        replicate(model, mesh=dp_mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
+        _replicate()(model, mesh=dp_mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
         return model
     ddp = DistributedDataParallel(model, process_group=dp_mesh.get_group(), broadcast_buffers=False)
     if reduce_dtype == torch.bfloat16:
         ddp.register_comm_hook(dp_mesh.get_group(), _bf16_allreduce)
     return ddp
+
+
+def _replicate():
+    """The composable, FSDP-based `replicate`. Private API (torch.distributed._composable); imported
+    only when used, so the project imports and trains on torches that lack it (GPU machines' own)."""
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+    except ImportError:
+        raise UserError("parallel.zero = 0/1 with tensor or pipeline parallelism needs torch's FSDP-based "
+                        f"replicate, which torch {torch.__version__} lacks; use parallel.zero = 2 or 3") from None
+    return replicate
 
 
 def _bf16_allreduce(group: dist.ProcessGroup, bucket):

@@ -92,7 +92,9 @@ class _Saved:
         self.tensor, self._counter, self._ptr = tensor, counter, ptr
 
     def __del__(self):
-        self._counter._release(self._ptr)
+        # Compiled blocks (train.compile) may copy a saved tensor's box, and a copy has no slots set.
+        if hasattr(self, "_counter"):
+            self._counter._release(self._ptr)
 
 
 class AllocationPeak:

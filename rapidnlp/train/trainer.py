@@ -42,6 +42,7 @@ from rapidnlp.optim import build_optimizer, lr_at
 from rapidnlp.optim.loss_scale import DynamicLossScaler
 from rapidnlp.optim.norms import local_tensor
 from rapidnlp.parallel import uses_loss_parallel
+from rapidnlp.parallel.compile import compile_enabled, compile_seconds, compiled_graphs
 from rapidnlp.parallel.pipeline import Stages
 from rapidnlp.pretrain.objective import ObjectiveLoss, build_model, build_objectives, collate, normalisers, plain
 from rapidnlp.train.checkpoint import Checkpointer, latest_checkpoint
@@ -147,6 +148,8 @@ def _gradient_sync(model, enabled: bool):
 
 
 class Trainer:
+    compiled = False  # blocks compiled (train.compile); another backend's _build_model leaves it off
+
     def __init__(self, config: Config, dims: ParallelDims, *, data: Data | None = None, stream=None):
         self.config = config
         self.dims = dims
@@ -195,6 +198,8 @@ class Trainer:
         config, dims, t = self.config, self.dims, self.config.train
         self.parts = Stages(model, config, dims, self.device)
         self.model = self.parts.model
+        self.compiled = compile_enabled(t, config.parallel, self.device)
+        self._compile_start = (compile_seconds(), compiled_graphs())  # this process's totals before this run
         zero1 = dims.mesh["dp"].get_group() if config.parallel.zero == 1 and dims.dp_enabled else None
         self.optimizer = build_optimizer(self.model, t, zero1_group=zero1)
         self.loss_parallel = uses_loss_parallel(dims, config.parallel)
@@ -386,6 +391,15 @@ class Trainer:
                     for i, (o, m) in enumerate(names)})
         return row
 
+    def _compile_report(self, row: dict, first: bool) -> None:
+        """compile_s and compiled_graphs (this run's totals so far) in every row, so that a
+        recompile shows; one line after the first step, which compiled the training graphs."""
+        seconds, graphs = self._compile_start
+        row.update(compile_s=compile_seconds() - seconds, compiled_graphs=compiled_graphs() - graphs)
+        if first and self.is_logger:
+            print(f"compile: {row['compiled_graphs']} graph(s) in {row['compile_s']:.1f} s (the first step; "
+                  "evaluation compiles its own once)", file=self.metrics.stream, flush=True)
+
     def request_stop(self, *_) -> None:
         """Signal handler (SIGTERM/SIGUSR1): finish the current step, save, stop."""
         self.stop_requested = True
@@ -417,6 +431,8 @@ class Trainer:
             row = self.train_step()
             if t.eval_interval and self.data.val is not None and self.step % t.eval_interval == 0:
                 row.update(self.evaluate())
+            if self.compiled:
+                self._compile_report(row, first=not rows)
             if resumed_from is not None:
                 row["resumed_from"], resumed_from = resumed_from, None
             rows.append(row)
