@@ -270,7 +270,7 @@ import rapidnlp.train.checkpoint as ck
 real_save = ck.dcp.save
 def save_then_die(*a, **k):
     real_save(*a, **k)
-    if "step_4" in str(k.get("checkpoint_id")):
+    if "step_4" in str(k["storage_writer"].path):
         os._exit(9)  # killed after the shards are written, before the rename
 ck.dcp.save = save_then_die
 from rapidnlp.cli import main
