@@ -2,14 +2,15 @@
 
 A reader (or a resumed run) sees the old file or the complete new one, never a half-written one,
 and a write that fails removes its temporary file.  Every single-file write that must not be seen
-half done goes through here.  Renaming a whole folder into place (a checkpoint, a converted model,
-a knowledge folder) is a different pattern and lives with the code that builds the folder.
+half done goes through here, and `atomic_folder` does the same for a folder built whole (a
+knowledge folder). Checkpoints, finished across ranks and saves, rename theirs in checkpoint.py.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from typing import IO, Iterator
 
@@ -73,3 +74,18 @@ def atomic_write(path: str, data: str | bytes) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Yield a temporary name for the folder PATH (not yet created); when the block ends normally
+    it replaces PATH (an older PATH is removed), when it raises it is removed."""
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -15,7 +15,7 @@ import shutil
 from rapidnlp.data.indexed import merge_indexed, open_same_dtype
 from rapidnlp.data.knowledge.build import knowledge_dir, merge_knowledge, same_files, same_kg_files
 from rapidnlp.errors import UserError
-from rapidnlp.io import atomic_path, remove_quietly, temp_name
+from rapidnlp.io import atomic_folder, atomic_path, remove_quietly
 
 
 def merge(prefixes: list[str], output: str) -> dict:
@@ -39,17 +39,9 @@ def merge(prefixes: list[str], output: str) -> dict:
 
     remove_quietly(output + ".idx")  # an old index never pairs with the new files
     if all(has_knowledge):
-        final = knowledge_dir(output)
-        tmp = temp_name(final)
-        try:
+        with atomic_folder(knowledge_dir(output)) as tmp:
             side = merge_knowledge(folders, tmp)
             _merge_report(folders, tmp, side)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if os.path.isfile(prefixes[0] + ".model"):
         with atomic_path(output + ".model") as tmp:
             shutil.copyfile(prefixes[0] + ".model", tmp)

@@ -41,7 +41,7 @@ from rapidnlp.data.inputs import Chunk, expand_inputs, plan_chunks, shard_chunks
 from rapidnlp.data.progress import Progress
 from rapidnlp.data.tokenizer import Tokenizer, train_tokenizer
 from rapidnlp.errors import UserError
-from rapidnlp.io import atomic_path, remove_quietly, temp_name, write_json_atomic
+from rapidnlp.io import atomic_folder, atomic_path, remove_quietly, temp_name, write_json_atomic
 
 # Sentences per call into sentencepiece: per-call overhead vanishes, memory stays small.
 _ENCODE_BATCH = 8192
@@ -405,11 +405,10 @@ def _commit(parts: str, chunks: list[Chunk], prefix: str, tok: Tokenizer, kg, kg
 
 
 def _commit_knowledge(parts, names, prefix, kg, report, demo_threads, start, log) -> None:
-    from rapidnlp.data.knowledge.build import knowledge_dir, log_summary, merge_knowledge
+    from rapidnlp.data.knowledge.build import knowledge_dir, log_summary, merge_knowledge, write_report
 
     final = knowledge_dir(prefix)
-    tmp = temp_name(final)
-    try:
+    with atomic_folder(final) as tmp:
         report["sidestreams"] = merge_knowledge([n + ".knowledge" for n in names], tmp, move=True,
                                                 kg_files=os.path.join(parts, "knowledge"))
         if demo_threads:
@@ -418,14 +417,6 @@ def _commit_knowledge(parts, names, prefix, kg, report, demo_threads, start, log
 
             linker = EntityLinker.load(os.path.join(tmp, "linker.bin"))
             report["places_vs_peoples_daily_ns"] = evaluate_places(linker, kg, workers=demo_threads)
-        report["seconds"] = round(time.perf_counter() - start, 3)
-        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, ensure_ascii=False, indent=1)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_report(tmp, report, start)
     log_summary(final, report, log)
 

@@ -24,7 +24,7 @@ from rapidnlp.data.knowledge.kg import KnowledgeGraph, write_entity_dataset, wri
 from rapidnlp.data.knowledge.linker import EntityLinker
 from rapidnlp.data.knowledge.sidestreams import AlignedEncoder, build_sidestreams
 from rapidnlp.data.tokenizer import Tokenizer
-from rapidnlp.io import temp_name
+from rapidnlp.io import atomic_folder
 
 
 def knowledge_dir(prefix: str) -> str:
@@ -157,9 +157,8 @@ def prepare_knowledge(corpus_path: str, prefix: str, kg: KnowledgeGraph, *, toke
     """Build PREFIX.knowledge/ for a corpus and a knowledge graph; returns the report."""
     start = time.perf_counter()
     final = knowledge_dir(prefix)
-    tmp = temp_name(final)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(final) as tmp:
+        os.makedirs(tmp)
         tok = Tokenizer(tokenizer_path)
         linker, report = build_kg_files(tmp, kg, tok, log)
         side = build_sidestreams(corpus_path, tmp, kg, linker, tok, workers=workers,
@@ -169,17 +168,16 @@ def prepare_knowledge(corpus_path: str, prefix: str, kg: KnowledgeGraph, *, toke
             from rapidnlp.data.knowledge.demo import evaluate_places
 
             report["places_vs_peoples_daily_ns"] = evaluate_places(linker, kg, workers=workers)
-        report["seconds"] = round(time.perf_counter() - start, 3)
-        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, ensure_ascii=False, indent=1)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_report(tmp, report, start)
     log_summary(final, report, log)
     return report
+
+
+def write_report(folder: str, report: dict, start: float) -> None:
+    """report.json of a knowledge folder, with the seconds since `start`."""
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, ensure_ascii=False, indent=1)
 
 
 def log_summary(folder: str, report: dict, log: Callable[[str], None]) -> None:
