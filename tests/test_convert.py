@@ -156,7 +156,8 @@ def test_pretraining_only_modules_are_saved_beside(trained, tmp_path):
     ckpt = tmp_path / "with_fusion"
     dcp.save({"model": {**state, "knowledge_fusion.gate.weight": gate}}, checkpoint_id=str(ckpt), no_dist=True)
     shutil.copyfile(trained / "config.json", ckpt / "config.json")
-    write_json_atomic(str(ckpt / "meta.json"), {"step": 2, "layout": None, "files": manifest(str(ckpt))})
+    write_json_atomic(str(ckpt / "meta.json"), {"format": 1, "kind": "weights", "step": 2, "layout": None,
+                                                "files": manifest(str(ckpt))})
     out = tmp_path / "hf"
     res = run_cli("convert", "--to", "hf", str(ckpt), str(out))
     assert res.returncode == 0 and "1 pretraining-only tensors" in res.stdout, res.stderr[-2000:]
