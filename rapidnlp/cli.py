@@ -44,7 +44,7 @@ def _prepare(args: argparse.Namespace) -> int:
     print(
         f"wrote {stats['bin']}, {stats['idx']}, {stats['model']}: {stats['documents']} documents, "
         f"{stats['sentences']} sentences, {stats['tokens']} tokens, vocab {stats['vocab_size']}, "
-        f"{stats['skipped_lines']} lines skipped, {stats['seconds']:.1f} s "
+        f"{stats['skipped_lines']} lines skipped, {stats['seconds']:.2f} s "
         f"({stats['workers']} worker(s), {stats['chunks']} chunks, {stats['reused_chunks']} reused)"
     )
     return 0
