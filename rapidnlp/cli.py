@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from rapidnlp.errors import UserError
+from rapidnlp.errors import AgreedError, UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -138,7 +138,7 @@ def _run_worker(config, resume: str | None) -> int:
             print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, "
                   f"config in {os.path.join(run_dir, 'config.json')}", flush=True)
     except UserError as e:
-        if env.rank == 0 or not getattr(e, "on_every_rank", False):
+        if env.rank == 0 or not isinstance(e, AgreedError):
             print(f"error: {e}", file=sys.stderr)
         code = 2
     except BaseException as e:

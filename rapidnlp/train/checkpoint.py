@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from rapidnlp.errors import UserError
+from rapidnlp.errors import AgreedError, UserError
 from rapidnlp.io import atomic_write, write_json_atomic
 from rapidnlp.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
 
@@ -196,7 +196,7 @@ def checked_on_rank0(check):
             out = [str(e), None]
     dist.broadcast_object_list(out, src=0)
     if out[0]:
-        raise UserError(out[0])
+        raise AgreedError(out[0])
     return out[1]
 
 
@@ -361,10 +361,8 @@ def layout(trainer) -> dict:
             "hsdp_shard": p.hsdp_shard, "world_size": dist.get_world_size()}
 
 
-class SaveFailed(UserError):
-    """A checkpoint could not be written (raised on every rank alike)."""
-
-    on_every_rank = True
+class SaveFailed(AgreedError):
+    """A checkpoint could not be written (what failed is gathered from every rank)."""
 
 
 def _root_cause(error: BaseException) -> BaseException:

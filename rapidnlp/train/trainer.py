@@ -36,7 +36,7 @@ from rapidnlp.data.prefetch import Prefetcher
 from rapidnlp.data.sampler import GlobalBatchSampler
 from rapidnlp.data.tokenizer import Tokenizer
 from rapidnlp.distributed.mesh import ParallelDims
-from rapidnlp.errors import UserError
+from rapidnlp.errors import AgreedError, UserError
 from rapidnlp.model.flops import training_flops_per_sequence
 from rapidnlp.optim import build_optimizer, lr_at
 from rapidnlp.optim.loss_scale import DynamicLossScaler
@@ -56,11 +56,8 @@ from rapidnlp.train.metrics import MetricsWriter, peak_memory_bytes
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
-class Diverged(UserError):
-    """Training stopped on non-finite state. Every rank raises it at the same step (the values it
-    is decided on are reduced over all ranks), so one rank reports it."""
-
-    on_every_rank = True
+class Diverged(AgreedError):
+    """Training stopped on non-finite state (decided on values reduced over all ranks)."""
 
 
 def seed_everything(seed: int) -> None:
