@@ -117,26 +117,26 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
-# meta.json of a training checkpoint: field -> (check, what it must be). An imported weights
-# folder (kind "weights") has only format, step and files.
+# meta.json's fields: name -> (check, what it must be, required). An imported weights folder
+# (kind "weights") has only the first three.
 _META = {
-    "format": (lambda v: _is(v, int) and 1 <= v <= FORMAT_VERSION, f"a format version 1..{FORMAT_VERSION}"),
-    "step": (lambda v: _is(v, int) and v >= 0, "a step number"),
-    "files": (lambda v: isinstance(v, dict), "the manifest of files"),
+    "format": (lambda v: _is(v, int) and 1 <= v <= FORMAT_VERSION, f"a format version 1..{FORMAT_VERSION}", True),
+    "step": (lambda v: _is(v, int) and v >= 0, "a step number", True),
+    "files": (lambda v: isinstance(v, dict), "the manifest of files", True),
 }
 _TRAINING_META = {
     "sampler": (lambda v: isinstance(v, dict) and all(_is(v.get(k), int) and v[k] >= 0
                                                       for k in ("consumed_samples", "seed", "num_samples")),
-                "the sampler state {consumed_samples, seed, num_samples}"),
+                "the sampler state {consumed_samples, seed, num_samples}", True),
     "layout": (lambda v: isinstance(v, dict) and all(_is(x, int) or isinstance(x, str) for x in v.values()),
-               "the layout {pp, dp, tp, zero, ...}"),
+               "the layout {pp, dp, tp, zero, ...}", True),
     "loss_scaler": (lambda v: v is None or (isinstance(v, dict) and _is(v.get("scale"), (int, float))
-                                            and _is(v.get("clean_steps"), int)), "null or the loss scaler state"),
+                                            and _is(v.get("clean_steps"), int)), "null or the loss scaler state", False),
     "skipped": (lambda v: isinstance(v, dict) and all(_is(v.get(k, 0), int) for k in ("total", "in_a_row"))
                 and (v.get("last_finite") is None or (isinstance(v["last_finite"], list) and len(v["last_finite"]) == 2
                                                       and _is(v["last_finite"][0], int)
                                                       and _is(v["last_finite"][1], (int, float)))),
-                "the skipped-step counts"),
+                "the skipped-step counts", False),
 }
 
 
@@ -145,9 +145,9 @@ def _check_meta(meta, meta_path: str, folder: str) -> None:
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: not a checkpoint's meta.json (not a JSON object)")
     fields = _META if meta.get("kind") == "weights" else {**_META, **_TRAINING_META}
-    for name, (ok, what) in fields.items():
+    for name, (ok, what, required) in fields.items():
         if name not in meta:
-            if name in _META or name in ("sampler", "layout"):
+            if required:
                 raise UserError(f"{meta_path}: no '{name}' field ({what}); not a complete checkpoint")
             continue
         if not ok(meta[name]):

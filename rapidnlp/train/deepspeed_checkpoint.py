@@ -150,7 +150,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         for script in RECOVERY_SCRIPTS:  # DeepSpeed's copies of its scripts, which unpickle in full
             if dist.get_rank() == 0 and os.path.isfile(os.path.join(tmp, script)):
                 os.remove(os.path.join(tmp, script))
-        dcp.save({"model": full_weights(engine)}, checkpoint_id=tmp)
+        dcp.save({"model": full_weights(engine)}, storage_writer=self.writer(tmp))
         return None
 
     def _meta(self, trainer) -> dict:
