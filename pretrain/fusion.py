@@ -14,7 +14,8 @@ into the mention tokens.
 4. Each mention token takes h <- h + g * W_u u_e with the gate g = sigmoid(W_g [h; u_e]).
 
 The entity table is shared with the SPO head (pretrain/spo.py), vocab-parallel under
-tensor parallelism like the word embedding, and initialised from the mean of the word-embedding
+tensor parallelism like the word embedding, an FSDP unit of its own (one with the SPO head's
+use of it; gathered only from its first use to its last), and initialised from the mean of the word-embedding
 rows of each entity's surface-form tokens. Its loss is the MLM loss it helps; it adds none itself.
 """
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Fusion(Objective):
         flops = (dense_flops(h, h, mentions) + k.gcn_layers * (dense_flops(h, h, n) + 2 * dense_flops(h, h, e))
                  + dense_flops(h, h, seq) + dense_flops(2 * h, h, seq))
         return [Piece("knowledge_fusion", "block", module, layer=fusion_layer(self.config), fields=FIELDS,
-                      tp_plan=entity_table_plan, flops_per_sequence=flops)]
+                      tp_plan=entity_table_plan, fsdp_units=("entities",), flops_per_sequence=flops)]
 
     def loss_sum(self, outputs, batch):
         return torch.zeros((), device=batch["input_ids"].device)

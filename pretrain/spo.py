@@ -65,7 +65,7 @@ class SPO(Objective):
         ties = {"entities.weight": "knowledge_fusion.entities.weight"} if "fusion" in self.config.objectives else {}
         tokens = None if self.data is None else self.data.entity_tokens
         return [Piece("spo_head", "head", SPOHead(h, k.num_entities, k.num_relations, tokens), fields=("spo_pos", "spo_neg"),
-                      ties=ties, tp_plan=entity_table_plan,
+                      ties=ties, tp_plan=entity_table_plan, fsdp_units=("entities",),
                       flops_per_sequence=dense_flops(h, h, 1) + dense_flops(3 * h, h, triples))]
 
     def margin(self) -> float:

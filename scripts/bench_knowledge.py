@@ -15,9 +15,9 @@ mask, (c) + mention detection, (d) + SPO margin, (e) + GCN fusion, (f) all; each
 is measured on the held-out documents (the validation split) with one masking for all variants:
   - MLM loss on non-entity tokens (ordinary token masking; masked tokens outside every entity);
   - masked-entity exact match on plain sentences ([CLS] sentence [SEP], no triple segment; every
-    linked mention masked as a whole, right when all its tokens are);
+    linked mention masked as a whole, right when all its tokens are), and its per-token accuracy;
   - triple completion ([CLS] sentence [SEP] s p [MASK ...] [SEP]: the first packed triple's
-    object masked; exact match);
+    object masked; exact match, and per token);
   - mention F1 and SPO ranking accuracy, for the variants that train those heads.
 Prints a table of mean +- std over the seeds.
 
@@ -104,7 +104,8 @@ def probe_metrics(model, batches, special) -> dict:
     from rapidnlp.pretrain.mention import spans as bio_spans
 
     heads = model.head_names
-    sums = {k: [0.0, 0.0] for k in ("non_entity_loss", "entity_exact", "triple_exact", "mention_f1", "spo_rank")}
+    sums = {k: [0.0, 0.0] for k in ("non_entity_loss", "entity_exact", "entity_token", "triple_exact", "triple_token",
+                                     "mention_f1", "spo_rank")}
 
     def run(batch):
         inputs = (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in model.field_names))
@@ -140,8 +141,11 @@ def probe_metrics(model, batches, special) -> dict:
             sums["spo_rank"][0] += float(((above == 0) & positive).sum())
             sums["spo_rank"][1] += float(positive.sum())
         ids = _restore(batch)
-        sums["entity_exact"] = [x + y for x, y in zip(sums["entity_exact"], _entity_exact(model, batch, ids, special, run))]
-        sums["triple_exact"] = [x + y for x, y in zip(sums["triple_exact"], _triple_exact(model, batch, ids, special, run))]
+        for name, counts in (("entity", _entity_exact(model, batch, ids, special, run)),
+                             ("triple", _triple_exact(model, batch, ids, special, run))):
+            for kind, (right, total) in zip(("exact", "token"), counts):
+                sums[f"{name}_{kind}"][0] += right
+                sums[f"{name}_{kind}"][1] += total
     return {k: (s / c if c else None) for k, (s, c) in sums.items()}
 
 
@@ -173,8 +177,10 @@ def _masked_copy(batch, ids, keep_until, masked_spans, special):
     return new, masked_spans
 
 
-def _exact(out, new, masked_spans) -> tuple[float, float]:
-    right, total = 0.0, 0.0
+def _exact(out, new, masked_spans) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((entities right, entities), (tokens right, tokens)) over the masked spans: an entity is
+    right when all its tokens are."""
+    right, total, tokens_right, tokens = 0.0, 0.0, 0.0, 0.0
     predicted = out["lm_head"].argmax(-1)
     for b, spans in enumerate(masked_spans):
         k = 0
@@ -182,10 +188,13 @@ def _exact(out, new, masked_spans) -> tuple[float, float]:
             n = e - a
             if k + n > predicted.shape[1]:
                 break
-            right += bool((predicted[b, k:k + n] == new["mlm_labels"][b, k:k + n]).all())
+            hits = predicted[b, k:k + n] == new["mlm_labels"][b, k:k + n]
+            right += bool(hits.all())
             total += 1
+            tokens_right += float(hits.sum())
+            tokens += n
             k += n
-    return right, total
+    return (right, total), (tokens_right, tokens)
 
 
 def _entity_exact(model, batch, ids, special, run):
@@ -341,9 +350,10 @@ def main() -> int:
         for name, runs in res.items():
             print(f"| {name} | {_fmt([r['precision'] for r in runs])} | {_fmt([r['recall'] for r in runs])} |")
         return 0
-    cols = ["non_entity_loss", "entity_exact", "triple_exact", "mention_f1", "spo_rank"]
-    print("| variant | non-entity MLM loss | masked-entity exact match | triple completion | mention F1 | SPO rank acc |")
-    print("|---|---|---|---|---|---|")
+    cols = ["non_entity_loss", "entity_exact", "entity_token", "triple_exact", "triple_token", "mention_f1", "spo_rank"]
+    print("| variant | non-entity MLM loss | masked-entity exact match | (per token) | triple completion | (per token) "
+          "| mention F1 | SPO rank acc |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, runs in res.items():
         print(f"| {name} | " + " | ".join(_fmt([r[c] for r in runs]) for c in cols) + " |")
     return 0

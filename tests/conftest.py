@@ -117,15 +117,17 @@ def references(pd_dataset, tmp_path_factory) -> dict:
 
 
 def launch_worlds(worlds: dict[int, dict[str, dict]], data: str, base, tmp_path_factory, *,
-                  deepspeed: dict | None = None, env: dict | None = None) -> dict:
+                  deepspeed: dict | None = None, env: dict | None = None, extra: dict | None = None) -> dict:
     """Each world size's layouts ({name: overrides}) in one launched world of train_worker.py,
     plus, given `deepspeed` overrides, one 2-process DeepSpeed run named deepspeed_zero2.
     `base(run_dir)` gives the shared overrides; `env` extra environment variables of the
-    workers (TRITON_INTERPRET=0: fused kernels on their PyTorch reference path). Returns name -> metric rows."""
+    workers (TRITON_INTERPRET=0: fused kernels on their PyTorch reference path); `extra` more
+    runs per world size, as train_worker.py's SPEC has them (checks such as table_unit).
+    Returns name -> metric rows (or a check's result)."""
     results = {}
     for world, layouts in worlds.items():
         tmp = tmp_path_factory.mktemp(f"world{world}")
-        runs = [{"name": name, "overrides": over} for name, over in layouts.items()]
+        runs = [{"name": name, "overrides": over} for name, over in layouts.items()] + (extra or {}).get(world, [])
         results.update(launch_world(str(REPO / "tests" / "train_worker.py"), world, data, base(tmp / "run"), runs, tmp,
                                     env))
     if deepspeed is not None:

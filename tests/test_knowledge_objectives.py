@@ -219,6 +219,9 @@ WORLDS = {
     4: {f"tp2_pp2_{n}": {**over, **TP2_PP2} for n, over in ALONE.items()},
     8: {"tp2_pp2_dp2": {**ALL, **TP2_PP2}},
 }
+# One step at dp2, ZeRO-2 and -3, watching where the entity table is gathered (train_worker.py).
+TABLE_UNIT = {2: [{"name": f"table_unit_zero{z}", "overrides": {**ALL, "parallel.zero": z, "train.steps": 1},
+                   "table_unit": True} for z in (2, 3)]}
 REFERENCE = {name: "single" for world in (2, 8) for name in WORLDS[world]}
 REFERENCE.update({f"tp2_pp2_{n}": f"single_{n}" for n in ALONE})
 REFERENCE["deepspeed_zero2"] = "single"
@@ -230,7 +233,7 @@ def base(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def curves(knowledge_dataset, tmp_path_factory):
-    return launch_worlds(WORLDS, knowledge_dataset, base, tmp_path_factory, deepspeed=ALL)
+    return launch_worlds(WORLDS, knowledge_dataset, base, tmp_path_factory, deepspeed=ALL, extra=TABLE_UNIT)
 
 
 @pytest.mark.slow
@@ -241,6 +244,21 @@ def test_knowledge_layout_matches_single_process(curves, layout):
     keys = [k for k in ref[-1] if k == "loss" or k.startswith(("loss_", "val_")) or k == "grad_norm"]
     assert "loss_mlm" in keys
     assert_curves_equal(curves[layout], ref, keys, STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("zero", [2, 3])
+def test_entity_table_is_its_own_fsdp_unit(curves, zero):
+    """The fusion module and the SPO head share the table, one FSDP unit apart from the root: not
+    gathered before its first use (block 0 runs before fusion), whole from there to its last use;
+    at ZeRO-3 sharded again right after the SPO head's lookup, at ZeRO-2 only after the backward.
+    (Its curves at dp2 ZeRO-2/3 equal the single process: test_knowledge_layout_matches_single_process.)"""
+    got = curves[f"table_unit_zero{zero}"]
+    assert got["own_units"] and got["one_unit"] and not got["root_unit"], got
+    assert got["sharded"] == {"block 0": True, "fusion, after its lookup": False, "last block": False,
+                              "SPO head, after its lookup": zero == 3, "after the forward": zero == 3,
+                              "after the step": True}, got["sharded"]
 
 
 @pytest.mark.slow

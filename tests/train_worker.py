@@ -3,9 +3,10 @@
     python tests/train_worker.py SPEC.json OUT.json
 
 SPEC: {"data": PREFIX, "base": {"section.field": value, ...},
-       "runs": [{"name": ..., "overrides": {...}, "dense_twin": bool,
+       "runs": [{"name": ..., "overrides": {...}, "dense_twin": bool, "table_unit": bool,
                  "inject": {"step": k, "value": "inf"|"nan", "into": "loss"|"grad", "rank": r}}, ...]}
-Rank 0 writes OUT: {name: [metric rows]} and, with dense_twin, the TP-vs-dense comparison.
+Rank 0 writes OUT: {name: [metric rows]}; with dense_twin, the TP-vs-dense comparison instead;
+with table_unit, where the entity table is gathered under FSDP.
 Every rank ends through shutdown(), never through interpreter exit (ARCHITECTURE.md).
 """
 import json
@@ -94,6 +95,37 @@ def dense_twin_check(config: Config) -> dict:
     }
 
 
+def table_unit_check(config: Config) -> dict:
+    """The entity table under FSDP, over one training step: whether the fusion module's and the SPO
+    head's table share one unit of its own, and, at points of the step, whether the table is
+    sharded there (a DTensor) or gathered whole."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from rapidnlp.train.trainer import Trainer
+
+    trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open("/dev/null", "w"))
+    model = trainer.parts.model
+    fusion, spo = model.knowledge_fusion, model.spo_head
+    sharded = {}
+
+    def record(point):
+        return lambda *_: sharded.__setitem__(point, isinstance(fusion.entities.weight, DTensor))
+
+    first, last = model.layers["0"], model.layers[str(len(model.layers) - 1)]
+    first.register_forward_pre_hook(record("block 0"))
+    fusion.gcn[0].register_forward_pre_hook(record("fusion, after its lookup"))
+    last.register_forward_pre_hook(record("last block"))
+    spo.triple.register_forward_pre_hook(record("SPO head, after its lookup"))
+    model.register_forward_hook(record("after the forward"))
+    trainer.fit()
+    record("after the step")()
+    return {"own_units": all(isinstance(m, FSDPModule) for m in (fusion.entities, spo.entities)),
+            "one_unit": fully_shard.state(fusion.entities) is fully_shard.state(spo.entities),
+            "root_unit": fully_shard.state(fusion.entities) is fully_shard.state(model),
+            "sharded": sharded}
+
+
 def inject(trainer, step: int, value: str = "inf", into: str = "loss", rank: int | None = None) -> None:
     """Make optimizer step `step` (1-based) non-finite on `rank` (default: every rank) in the loss
     function, which every layout's step calls (the pipeline schedule's too, on the last stage):
@@ -143,6 +175,8 @@ def run_layouts(run_one: Callable[[dict, Config], object], *, timeout_s: float =
 def train_run(run: dict, config: Config):
     if run.get("dense_twin"):
         return dense_twin_check(config)
+    if run.get("table_unit"):
+        return table_unit_check(config)
     from rapidnlp.train.trainer import Trainer
 
     if config.train.compile == "true":

@@ -184,7 +184,9 @@ class Piece:
     model attribute (and parameter prefix). `ties` maps a parameter of the piece to the model
     parameter it shares (relative name -> full name). `tp_plan(sequence_parallel, loss_parallel)`
     gives the piece's own tensor-parallel plan; None: replicated over tp and fed the whole
-    sequence. `fsdp_unit`: shard it as its own FSDP unit. `flops_per_sequence`: its training
+    sequence. `fsdp_units`: submodules (relative names, "" for the whole piece) sharded each as
+    an FSDP unit of its own, gathered only while used; modules of several pieces that share a
+    parameter (a tied pair on one stage) form one unit. `flops_per_sequence`: its training
     FLOPs for one sequence (counted in MFU and in the pipeline split).
     """
 
@@ -195,7 +197,7 @@ class Piece:
     fields: tuple[str, ...] = ()
     ties: dict[str, str] = dataclass_field(default_factory=dict)
     tp_plan: Callable | None = None
-    fsdp_unit: bool = False
+    fsdp_units: tuple[str, ...] = ()
     flops_per_sequence: float = 0.0
 
 

@@ -42,15 +42,33 @@ def apply_fsdp(model: BertForMLM, mesh: DeviceMesh, *, reshard_after_forward: bo
                   mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
     for block in model.layers.values():
         fully_shard(block, **kwargs)
-    for piece in model.pieces.values():
-        if piece.fsdp_unit and getattr(model, piece.name) is not None:
-            fully_shard(getattr(model, piece.name), **kwargs)
+    for unit in piece_units(model):
+        fully_shard(unit if len(unit) > 1 else unit[0], **kwargs)
     # The root unit holds the embeddings, the final norm and the other pieces (the MLM head:
     # the tied weight lives in one unit). It stays unsharded from forward to backward, as
     # torchtitan keeps its output layer (backward would gather it again at once), and so that the
     # fused MLM loss, which runs after the forward, reads the whole decoder (pretrain/mlm.py).
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def piece_units(model: BertForMLM) -> list[list[nn.Module]]:
+    """The pieces' own FSDP units (`Piece.fsdp_units`) present in this model (a pipeline stage may
+    lack some): modules that share a parameter, such as the entity table that the fusion module
+    and the SPO head both look up, are one unit (FSDP2 gathers it before the first of them runs
+    and reshards it after the last; an FSDP parameter belongs to one unit only)."""
+    units: list[list[nn.Module]] = []
+    for piece in model.pieces.values():
+        owner = getattr(model, piece.name)
+        for name in piece.fsdp_units if owner is not None else ():
+            module = owner.get_submodule(name)
+            params = {id(p) for p in module.parameters()}
+            unit = next((u for u in units if params & {id(p) for m in u for p in m.parameters()}), None)
+            if unit is None:
+                units.append([module])
+            elif module not in unit:
+                unit.append(module)
+    return units
 
 
 def apply_ddp(model: BertForMLM, dp_mesh: DeviceMesh, *, has_dtensors: bool,
