@@ -12,7 +12,8 @@ model's FLOPs (rapidnlp.model.flops; pieces count on the stage that holds them).
 
 What crosses a stage boundary has fixed shapes: the hidden states [micro_batch, seq (/ tp under
 sequence parallelism), hidden] (2 x micro_batch rows after a piece that appends twins,
-`Piece.twins`), the padding mask and the model's fields (`field_names`), each [micro_batch, ...]. Labels do not travel: the schedule's target is each sample's index into the
+`Piece.twins`), the padding mask and the model's fields (`field_names`), each
+[micro_batch, ...]. Labels do not travel: the schedule's target is each sample's index into the
 step's local batch, from which the loss function takes the labels. Shapes are given to
 PipelineStage up front (static metadata); the last stage's output metadata is read off one
 forward of that stage on a zero hidden state and the first micro-batch's fields.
