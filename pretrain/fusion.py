@@ -12,6 +12,8 @@ into the mention tokens.
    edges of W_m (u_nb +- r)), the layer's relation vector added along the edge, subtracted
    against it.
 4. Each mention token takes h <- h + g * W_u u_e with the gate g = sigmoid(W_g [h; u_e]).
+5. With the knowledge-gain term (pretrain/knowledge_gain.py) each sample gets a twin with the gate
+   forced shut (h unchanged), appended to the batch: the blocks after fusion and the heads see both.
 
 The entity table is shared with the SPO head (pretrain/spo.py), vocab-parallel under
 tensor parallelism like the word embedding, an FSDP unit of its own (one with the SPO head's
@@ -71,8 +73,10 @@ class GCNLayer(nn.Module):
 
 
 class GatedGCNFusion(nn.Module):
-    def __init__(self, hidden: int, num_entities: int, num_relations: int, layers: int, entity_tokens=None):
+    def __init__(self, hidden: int, num_entities: int, num_relations: int, layers: int, entity_tokens=None,
+                 shut_twin: bool = False):
         super().__init__()
+        self.shut_twin = shut_twin
         # Built on the meta device: it gets storage, shard by shard, once the model is sharded.
         self.entities = nn.Embedding(num_entities, hidden, device="meta")
         self.mention = nn.Linear(hidden, hidden)
@@ -111,7 +115,8 @@ class GatedGCNFusion(nn.Module):
         mentioned = (token_node >= 0).to(x.dtype)[..., None]
         ue = torch.gather(u, 1, token_node.clamp(min=0)[..., None].expand(-1, -1, u.shape[-1])) * mentioned
         gate = torch.sigmoid(self.gate(torch.cat([x, ue], -1)))
-        return x + mentioned * gate * self.up(ue)
+        fused = x + mentioned * gate * self.up(ue)
+        return torch.cat([fused, x]) if self.shut_twin else fused
 
 
 @torch.no_grad()
@@ -172,12 +177,13 @@ class Fusion(Objective):
         m, k, seq = self.config.model, self.config.knowledge, self.config.data.seq_len
         h = m.hidden_size
         tokens = self.data.entity_tokens if self.data is not None else None
-        module = GatedGCNFusion(h, k.num_entities, k.num_relations, k.gcn_layers, tokens)
+        twins = "knowledge_gain" in self.config.objectives
+        module = GatedGCNFusion(h, k.num_entities, k.num_relations, k.gcn_layers, tokens, shut_twin=twins)
         n, e, mentions = k.subgraph_nodes, k.subgraph_edges, k.max_mentions
         flops = (dense_flops(h, h, mentions) + k.gcn_layers * (dense_flops(h, h, n) + 2 * dense_flops(h, h, e))
                  + dense_flops(h, h, seq) + dense_flops(2 * h, h, seq))
         return [Piece("knowledge_fusion", "block", module, layer=fusion_layer(self.config), fields=FIELDS,
-                      tp_plan=entity_table_plan, fsdp_units=("entities",), flops_per_sequence=flops)]
+                      tp_plan=entity_table_plan, fsdp_units=("entities",), twins=twins, flops_per_sequence=flops)]
 
     def loss_sum(self, outputs, batch):
         return torch.zeros((), device=batch["input_ids"].device)

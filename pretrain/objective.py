@@ -11,6 +11,8 @@ key, exported as `OBJECTIVE`) declares:
   the count it is divided by, taken over the whole global batch, so micro-batching, dp and pp
   leave the loss unchanged;
 - `metrics(outputs, batch)`: evaluation sums and counts ({name: (sum, count)}).
+`outputs` holds one row per sample; where a piece appended twins (Piece.twins: the fusion gate
+shut), only an objective with `sees_twins` gets them, as rows b..2b-1 of every head output.
 
 The config picks objectives and weights (`[objectives] mlm = 1.0`). This module must not know
 the trainer or the parallel layout: `ObjectiveLoss` is the `loss_fn(outputs, index)` that every
@@ -32,6 +34,7 @@ class Objective:
 
     name = ""
     metric_names: tuple[str, ...] = ()  # the keys `metrics` returns
+    sees_twins = False  # whether its outputs keep the twins a piece appended (Piece.twins)
 
     def __init__(self, config: Config, weight: float, data=None):
         self.config = config
@@ -112,10 +115,16 @@ class ObjectiveLoss:
     def named(self, outputs) -> dict[str, torch.Tensor]:
         return dict(zip(self.head_names, outputs if isinstance(outputs, tuple) else (outputs,)))
 
-    def __call__(self, outputs, index: torch.Tensor) -> torch.Tensor:
+    def views(self, outputs, samples: int) -> list[dict[str, torch.Tensor]]:
+        """Each objective's named head outputs for a micro-batch of `samples` samples: without the
+        twins a piece appended (Piece.twins), unless the objective `sees_twins`."""
         named = self.named(outputs)
+        own = {k: v[:samples] if v.shape[0] != samples else v for k, v in named.items()}
+        return [named if o.sees_twins else own for o in self.objectives]
+
+    def __call__(self, outputs, index: torch.Tensor) -> torch.Tensor:
         batch = {k: v[index] for k, v in self.batch.items()}
-        sums = [plain(o.loss_sum(named, batch)) for o in self.objectives]
+        sums = [plain(o.loss_sum(named, batch)) for o, named in zip(self.objectives, self.views(outputs, len(index)))]
         self.records.append(torch.stack([s.detach().float() for s in sums]))
         # A global batch without anything to count (no linked triple, say) adds nothing, not 0/0.
         total = sum(o.weight * s / n.clamp(min=1) for o, s, n in zip(self.objectives, sums, self.norms))

@@ -137,6 +137,7 @@ class KnowledgeConfig:
     gcn_layers: int = 2
     margin: float = 0.2  # spo: hinge margin on cosine scores at the first step
     margin_growth: float = 1.0  # spo: the margin grows linearly to margin x (1 + growth) at the last step
+    gain_margin: float = 0.1  # knowledge_gain: nats a masked entity token's loss must drop with the gate open
     # Filled from the data at start (like model.vocab_size): the objectives' table sizes.
     num_entities: int = 0
     num_relations: int = 0
@@ -388,7 +389,7 @@ def resolve_layout(config: Config, world_size: int) -> None:
     _check_knowledge(config)
 
 
-KNOWLEDGE_OBJECTIVES = ("mention", "spo", "fusion")
+KNOWLEDGE_OBJECTIVES = ("mention", "spo", "fusion", "knowledge_gain")
 
 
 def fusion_layer(config: Config) -> int:
@@ -404,6 +405,13 @@ def _check_knowledge(config: Config) -> None:
                         "(and a dataset prepared with its PREFIX.knowledge/ folder)")
     if not k.enabled:
         return
+    if "knowledge_gain" in config.objectives:
+        if "fusion" not in config.objectives:
+            raise UserError("objectives.knowledge_gain compares the MLM loss with the fusion gate open and shut: "
+                            "it needs objectives.fusion")
+        if config.model.fused_kernels:
+            raise UserError("objectives.knowledge_gain needs each masked token's loss; model.fused_kernels decodes "
+                            "them summed, chunk by chunk: set model.fused_kernels = false")
     for name in ("max_triples", "max_mentions", "negatives", "subgraph_nodes", "subgraph_edges", "gcn_layers"):
         if getattr(k, name) < 1:
             raise UserError(f"knowledge.{name} = {getattr(k, name)}: must be at least 1")

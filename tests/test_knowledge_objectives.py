@@ -3,7 +3,11 @@ masked entity, bad input in one line, and every layout against the single proces
 objectives together, and each alone at single and tp2 x pp2): each loss, the total, grad norm
 and validation metrics to rtol 1e-4 over 10 fp32 steps. The tiny model has 4 blocks; fusion runs
 after block 1, so under pp=2 (1f1b) fusion sits on stage 0 and the heads on stage 1 (the shared
-entity table is a tied pair across stages); interleaved and zbv put them on stages 1 and 3."""
+entity table is a tied pair across stages); interleaved and zbv put them on stages 1 and 3.
+The optional knowledge-gain term runs at the single process and tp2 x pp2 x dp2, where the
+gate-shut twins it appends after fusion cross the stage boundary."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -167,6 +171,70 @@ def test_span_f1_and_spo_hinge_by_hand():
     assert float(metrics["mrr"][0]) == pytest.approx(0.5)
 
 
+def test_knowledge_gain_twin_is_the_gate_shut_model_and_its_hinge_by_hand(data):
+    """With the knowledge-gain term every head output has the samples' rows, then their twins':
+    the twins equal the same weights run with the fusion gate forced shut (sigmoid(-inf) = 0),
+    the samples equal the run without the term. The hinge by hand on three entity slots."""
+    from rapidnlp.pretrain.knowledge_gain import KnowledgeGain, entity_slots
+    from rapidnlp.pretrain.objective import build_model, build_objectives
+
+    config, d = data
+    gain = copy.deepcopy(config)  # with the sizes load_data filled in
+    gain.objectives["knowledge_gain"] = 1.0
+    torch.manual_seed(0)
+    model = build_model(gain, build_objectives(gain, d)).eval()
+    plain = build_model(config, build_objectives(config, d)).eval()
+    with torch.no_grad():
+        model.knowledge_fusion.gate.bias.fill_(2.0)  # open the gate (it starts nearly shut)
+        model.knowledge_fusion.up.weight.normal_(0.0, 0.5)
+    plain.load_state_dict(model.state_dict())
+    batch = d.train.collate(range(8))
+    inputs = (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in model.field_names))
+    with torch.no_grad():
+        both = model(*inputs)
+        opened = plain(*inputs)
+        plain.knowledge_fusion.gate.bias.fill_(-float("inf"))
+        shut = plain(*inputs)
+    for twin, a, b in zip(both, opened, shut):
+        torch.testing.assert_close(twin[:8], a)
+        torch.testing.assert_close(twin[8:], b)
+    assert not torch.allclose(both[0][:8], both[0][8:])  # the gate does something here
+
+    # [b=1, P=4]: slots 0, 1 and 3 inside entities (mention 2..4, triple object 9..10), slot 2 not
+    toy = {"input_ids": torch.zeros(1, 12, dtype=torch.long), "mlm_positions": torch.tensor([[2, 3, 5, 9]]),
+           "mlm_labels": torch.tensor([[1, 2, 0, 1]]), "mention_spans": torch.tensor([[[2, 4]]]),
+           "spo_spans": torch.tensor([[[[-1, -1], [9, 10]]]])}
+    assert entity_slots(toy).tolist() == [[True, True, False, True]]
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 0, 1] = 1.0  # slot 0: the gate-open loss is lower than the shut one
+    logits[1, 1, 0] = 1.0  # slot 1: the shut twin is surer of a wrong token
+    objective = KnowledgeGain(gain, 1.0)
+    ce = torch.nn.functional.cross_entropy
+    l_open = [float(ce(logits[0, i], toy["mlm_labels"][0, i])) for i in range(4)]
+    l_shut = [float(ce(logits[1, i], toy["mlm_labels"][0, i])) for i in range(4)]
+    m = gain.knowledge.gain_margin
+    want = sum(max(0.0, m + l_open[i] - l_shut[i]) for i in (0, 1, 3))
+    assert float(objective.loss_sum({"lm_head": logits}, toy)) == pytest.approx(want, rel=1e-6)
+    assert int(objective.normaliser(toy)) == 3
+    nats, count = objective.metrics({"lm_head": logits}, toy)["nats"]
+    assert float(nats / count) == pytest.approx(sum(l_shut[i] - l_open[i] for i in (0, 1, 3)) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("objectives, fields, message", [
+    ({"mlm": 1.0, "knowledge_gain": 1.0}, {}, r"objectives.knowledge_gain .* needs objectives.fusion"),
+    ({"mlm": 1.0, "fusion": 1.0, "knowledge_gain": 1.0}, {"model.fused_kernels": True},
+     r"objectives.knowledge_gain needs each masked token's loss; .* set model.fused_kernels = false"),
+])
+def test_bad_knowledge_gain_configs(objectives, fields, message):
+    config = Config()
+    config.objectives = objectives
+    for name, value in {**KNOWLEDGE, **fields}.items():
+        apply(config, *name.split("."), value, "test")
+    with pytest.raises(UserError, match=message) as info:
+        resolve_layout(config, 1)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"knowledge.enabled": False}, r"objectives.mention needs knowledge samples: set knowledge.enabled"),
     ({"knowledge.subgraph_nodes": 0}, r"knowledge.subgraph_nodes = 0: must be at least 1"),
@@ -206,8 +274,9 @@ def test_bad_knowledge_inputs_are_one_line_before_any_worker(pd_dataset, knowled
 
 # -- every layout against the single process ---------------------------------------------------
 
+GAIN = {**ALL, "objectives.knowledge_gain": 0.5}
 WORLDS = {
-    1: {"single": ALL, **{f"single_{n}": over for n, over in ALONE.items()}},
+    1: {"single": ALL, **{f"single_{n}": over for n, over in ALONE.items()}, "single_gain": GAIN},
     2: {
         "tp2": {**ALL, "parallel.tp": 2},
         "tp2_no_sp": {**ALL, "parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False},
@@ -217,13 +286,14 @@ WORLDS = {
         **{f"dp2_zero{z}": {**ALL, "parallel.zero": z} for z in (0, 1, 2, 3)},
     },
     4: {f"tp2_pp2_{n}": {**over, **TP2_PP2} for n, over in ALONE.items()},
-    8: {"tp2_pp2_dp2": {**ALL, **TP2_PP2}},
+    8: {"tp2_pp2_dp2": {**ALL, **TP2_PP2}, "tp2_pp2_dp2_gain": {**GAIN, **TP2_PP2}},
 }
 # One step at dp2, ZeRO-2 and -3, watching where the entity table is gathered (train_worker.py).
 TABLE_UNIT = {2: [{"name": f"table_unit_zero{z}", "overrides": {**ALL, "parallel.zero": z, "train.steps": 1},
                    "table_unit": True} for z in (2, 3)]}
 REFERENCE = {name: "single" for world in (2, 8) for name in WORLDS[world]}
 REFERENCE.update({f"tp2_pp2_{n}": f"single_{n}" for n in ALONE})
+REFERENCE["tp2_pp2_dp2_gain"] = "single_gain"  # the knowledge-gain term: its twins cross the stage boundary
 REFERENCE["deepspeed_zero2"] = "single"
 
 

@@ -187,7 +187,10 @@ class Piece:
     sequence. `fsdp_units`: submodules (relative names, "" for the whole piece) sharded each as
     an FSDP unit of its own, gathered only while used; modules of several pieces that share a
     parameter (a tied pair on one stage) form one unit. `flops_per_sequence`: its training
-    FLOPs for one sequence (counted in MFU and in the pipeline split).
+    FLOPs for one sequence (counted in MFU and in the pipeline split). `twins`: a block piece that
+    returns [2b, s, h], each sample followed in the batch by a twin (the fusion module's
+    gate-shut twin, for the knowledge-gain term): the mask and fields are repeated for the
+    blocks and heads after it, and every head's output has 2b rows, the twins last.
     """
 
     name: str
@@ -198,6 +201,7 @@ class Piece:
     ties: dict[str, str] = dataclass_field(default_factory=dict)
     tp_plan: Callable | None = None
     fsdp_units: tuple[str, ...] = ()
+    twins: bool = False
     flops_per_sequence: float = 0.0
 
 
@@ -344,10 +348,12 @@ class BertForMLM(nn.Module):
             x = self.embeddings(input_ids, named["token_type_ids"])
             for piece in self._of_role("input"):
                 x = x + piece(input_ids, key_mask, named)
+        key_mask, named = _twinned(x, key_mask, named)  # a pipeline stage after a twinning piece
         for i, block in self.layers.items():
             x = block(x, key_mask)
             for piece in self._of_role("block", int(i)):
                 x = piece(x, key_mask, named)
+                key_mask, named = _twinned(x, key_mask, named)
         if self.final_norm is None:
             return (x, attention_mask, *fields)
         hidden = self.final_norm(x)
@@ -366,6 +372,13 @@ class BertForMLM(nn.Module):
         fields = {"token_type_ids": token_type_ids, "mlm_positions": mlm_positions}
         hidden = self.encode(input_ids, token_type_ids, attention_mask)
         return self.lm_head.logits(hidden, attention_mask.bool(), fields)
+
+
+def _twinned(x: torch.Tensor, key_mask: torch.Tensor, named: dict) -> tuple[torch.Tensor, dict]:
+    """The mask and fields for hidden states x whose batch a piece doubled with twins (Piece.twins)."""
+    if x.shape[0] == key_mask.shape[0]:
+        return key_mask, named
+    return key_mask.repeat(2, 1), {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in named.items()}
 
 
 def _holds(model: nn.Module, name: str) -> bool:

@@ -11,7 +11,8 @@ come from `parallel.pp_split` or from a split that minimises the most expensive 
 model's FLOPs (rapidnlp.model.flops; pieces count on the stage that holds them).
 
 What crosses a stage boundary has fixed shapes: the hidden states [micro_batch, seq (/ tp under
-sequence parallelism), hidden], the padding mask and the model's fields (`field_names`), each
+sequence parallelism), hidden] (2 x micro_batch rows after a piece that appends twins,
+`Piece.twins`), the padding mask and the model's fields (`field_names`), each
 [micro_batch, ...]. Labels do not travel: the schedule's target is each sample's index into the
 step's local batch, from which the loss function takes the labels. Shapes are given to
 PipelineStage up front (static metadata); the last stage's output metadata is read off one
@@ -148,6 +149,9 @@ class Stages:
         self.stage_ids = [s for s in range(self.num_stages) if self.placement[s] == self.pp_rank]
         starts = [sum(counts[:s]) for s in range(self.num_stages)]
         self._layer_stage = {layer: s for s in range(self.num_stages) for layer in range(starts[s], starts[s] + counts[s])}
+        # stages after this one receive twice the micro-batch's rows of hidden states (Piece.twins)
+        self._twin_stage = min((self._layer_stage[p.layer] for p in model.pieces.values() if p.twins),
+                               default=self.num_stages)
         self.stages = []
         for s in self.stage_ids:
             view = to_device(model.stage_view(list(range(starts[s], starts[s] + counts[s])), first=s == 0,
@@ -194,8 +198,8 @@ class Stages:
 
     def _metas(self, inputs: tuple, mb: int, loss_context=None):
         """Static (shape, dtype) metadata of micro-batches of mb samples: first-stage inputs, the
-        tensors between stages, and (given loss_context) the last stage's outputs, from one
-        forward of that stage on zeros and the first micro-batch's fields."""
+        tensors entering stage s (`into(s)`, s > 0), and (given loss_context) the last stage's
+        outputs, from one forward of that stage on zeros and the first micro-batch's fields."""
         m, p = self.config.model, self.config.parallel
         seq = inputs[0].shape[1]
         seq_local = seq // self.dims.tp if self.dims.tp_enabled and p.sequence_parallel else seq
@@ -203,29 +207,36 @@ class Stages:
         def meta(t: torch.Tensor) -> torch.Tensor:
             return torch.empty((mb, *t.shape[1:]), dtype=t.dtype, device="meta")
 
+        def rows(stage: int) -> int:
+            return 2 * mb if stage > self._twin_stage else mb
+
+        def into(stage: int) -> tuple:
+            hidden = torch.empty(rows(stage), seq_local, m.hidden_size, device="meta", requires_grad=True)
+            return (hidden, *side)
+
         side = tuple(meta(t) for t in inputs[1:])
-        hidden = torch.empty(mb, seq_local, m.hidden_size, device="meta", requires_grad=True)
-        first_in, between = (meta(inputs[0]), *side), (hidden, *side)
+        first_in = (meta(inputs[0]), *side)
         last_out = None
         if loss_context is not None and self.holds_last():
             last = self.stages[self.stage_ids.index(self.num_stages - 1)]
-            probe = (torch.zeros(mb, seq_local, m.hidden_size, device=self.device), *(t[:mb] for t in inputs[1:]))
+            probe = (torch.zeros(rows(self.num_stages - 1), seq_local, m.hidden_size, device=self.device),
+                     *(t[:mb] for t in inputs[1:]))
             with torch.no_grad(), loss_context():
                 outputs = last(*probe)
             last_out = tuple(torch.empty(local_tensor(o).shape, dtype=o.dtype, device="meta", requires_grad=True)
                              for o in outputs)
-        return first_in, between, last_out
+        return first_in, into, last_out
 
     def _build_schedule(self, inputs: tuple, loss_fn, loss_context):
         from torch.distributed import pipelining
 
-        first_in, between, last_out = self._metas(inputs, inputs[0].shape[0] // self.n_microbatches, loss_context)
+        first_in, into, last_out = self._metas(inputs, inputs[0].shape[0] // self.n_microbatches, loss_context)
         stages = []
         for sid, module in zip(self.stage_ids, self.stages):
             stages.append(pipelining.PipelineStage(
                 module, sid, self.num_stages, self.device,
-                input_args=first_in if sid == 0 else between,
-                output_args=last_out if sid == self.num_stages - 1 else between,
+                input_args=first_in if sid == 0 else into(sid),
+                output_args=last_out if sid == self.num_stages - 1 else into(sid + 1),
                 group=self.pp_group,
             ))
         name = self.config.parallel.pp_schedule
@@ -264,12 +275,12 @@ class Stages:
         Not through the schedule: torch 2.13's `schedule.eval()` still runs the backward actions
         of V-placed schedules and re-initialises every stage on each train/eval switch. Each
         micro-batch passes down the stages in order, with blocking sends between ranks."""
-        between = self._metas(inputs, inputs[0].shape[0])[1] if self.pipelined else None
+        into = self._metas(inputs, inputs[0].shape[0])[1] if self.pipelined else None
         x = inputs
         with loss_context():
             for sid, module in zip(self.stage_ids, self.stages):
                 if sid > 0 and self.placement[sid - 1] != self.pp_rank:
-                    x = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in between)
+                    x = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in into(sid))
                     for t in x:
                         dist.recv(t, group_src=self.placement[sid - 1], group=self.pp_group)
                 x = module(*x)

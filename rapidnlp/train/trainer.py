@@ -373,11 +373,13 @@ class Trainer:
                     outputs = self._forward_only(tuple(x[chunk] for x in inputs))
                 if outputs is None:
                     continue  # not the last pipeline stage
-                named = self.loss_fn.named(outputs)
+                views = self.loss_fn.views(outputs, len(chunk))
                 micro = {k: v[chunk] for k, v in batch.items()}
                 with self._loss_context():
-                    sums += torch.stack([plain(o.loss_sum(named, micro)).float() for o in self.objectives])
-                values = {(o.name, k): v for o in self.objectives for k, v in o.metrics(named, micro).items()}
+                    sums += torch.stack([plain(o.loss_sum(named, micro)).float()
+                                         for o, named in zip(self.objectives, views)])
+                values = {(o.name, k): v for o, named in zip(self.objectives, views)
+                          for k, v in o.metrics(named, micro).items()}
                 for i, (o, m) in enumerate(names):
                     metrics[i] += torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in values[(o.name, m)]])
         self.model.train()
