@@ -2,6 +2,7 @@
 
     python scripts/bench_knowledge.py --data data/demo/pd --part speed
     python scripts/bench_knowledge.py --data data/demo/pd --part probe [--steps 300 --seeds 3]
+      (the README's table: --data data/demo_char/pd --steps 3000 --probe-batch 32 --seq-len 64 --lr 1e-3)
     python scripts/bench_knowledge.py --data data/demo/pd --part denoise [--steps 300 --noise 0.3]
 
 speed: at `base` width (configs/base.toml: 12 x 768), seq 128, one process, fp32, the median step
