@@ -12,7 +12,8 @@ batch, their ratio (target <= 1.3x), and the share of step time spent waiting fo
 
 probe: the `tiny` model on the demo data, the same packed inputs for every variant (the triple
 segment is present throughout), same seeds, data and token budget: (a) plain MLM, (b) + joint
-mask, (c) + mention detection, (d) + SPO margin, (e) + GCN fusion, (f) all; each seed trains, then
+mask, (c) + mention detection, (d) + SPO margin, (e) + GCN fusion, (f) all, (g) all with the
+optional knowledge-gain term (weight 0.5); each seed trains, then
 is measured on the held-out documents (the validation split) with one masking for all variants:
   - MLM loss on non-entity tokens (ordinary token masking; masked tokens outside every entity);
   - masked-entity exact match on plain sentences ([CLS] sentence [SEP], no triple segment; every
@@ -44,6 +45,7 @@ VARIANTS = {
     "(d) + SPO margin": ({"spo": 0.5}, False),
     "(e) + GCN fusion": ({"fusion": 1.0}, False),
     "(f) all": ({"mention": 0.5, "spo": 0.5, "fusion": 1.0}, True),
+    "(g) all + knowledge gain": ({"mention": 0.5, "spo": 0.5, "fusion": 1.0, "knowledge_gain": 0.5}, True),
 }
 KNOWLEDGE = ["--knowledge.enabled", "true", "--knowledge.triple_budget", "32"]
 
@@ -110,7 +112,8 @@ def probe_metrics(model, batches, special) -> dict:
 
     def run(batch):
         inputs = (batch["input_ids"], batch["attention_mask"], *(batch[k] for k in model.field_names))
-        return dict(zip(heads, model(*inputs)))
+        samples = len(batch["input_ids"])  # without the gate-shut twins of (g)
+        return {name: out[:samples] for name, out in zip(heads, model(*inputs))}
 
     for batch in batches:
         out = run(batch)
@@ -241,7 +244,7 @@ def probe(args) -> dict:
     for name, (objectives, joint) in VARIANTS.items():
         if args.variants and name[1] not in args.variants:
             continue
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             config = _config(args, common, objectives, joint, seed=1000 + seed)
             trainer = Trainer(config, ParallelDims.from_config(config.parallel), stream=open(os.devnull, "w"))
             trainer.fit()
@@ -322,6 +325,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3, help="probe/denoise: peak learning rate")
     ap.add_argument("--variants", default="", help="probe: a subset by letter, e.g. af (default: all six)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="probe: seeds first..first+seeds-1 (to split a table)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--out", default=None)
