@@ -17,8 +17,8 @@ into the mention tokens.
 
 The entity table is shared with the SPO head (pretrain/spo.py), vocab-parallel under
 tensor parallelism like the word embedding, an FSDP unit of its own (one with the SPO head's
-use of it; gathered only from its first use to its last), and initialised from the mean of the word-embedding
-rows of each entity's surface-form tokens. Its loss is the MLM loss it helps; it adds none itself.
+use of it; gathered only from its first use to its last), and initialised from the mean of the
+word-embedding rows of each entity's surface-form tokens. Its loss is the MLM loss it helps; it adds none itself.
 """
 from __future__ import annotations
 

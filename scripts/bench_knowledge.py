@@ -104,6 +104,7 @@ def probe_metrics(model, batches, special) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from rapidnlp.pretrain.knowledge_gain import entity_slots
     from rapidnlp.pretrain.mention import spans as bio_spans
 
     heads = model.head_names
@@ -118,16 +119,8 @@ def probe_metrics(model, batches, special) -> dict:
     for batch in batches:
         out = run(batch)
         # non-entity MLM loss under ordinary masking
-        entity = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-        for b, row in enumerate(batch["mention_spans"].tolist()):
-            for a, e in row:
-                entity[b, a:e] = True
-        for b, row in enumerate(batch["spo_spans"].reshape(len(batch["input_ids"]), -1, 2).tolist()):
-            for a, e in row:
-                if a >= 0:
-                    entity[b, a:e] = True
         labels = batch["mlm_labels"].clone()
-        labels[torch.gather(entity, 1, batch["mlm_positions"])] = -100
+        labels[entity_slots(batch)] = -100
         ce = F.cross_entropy(out["lm_head"].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         sums["non_entity_loss"][0] += float(ce)
         sums["non_entity_loss"][1] += float((labels != -100).sum())
