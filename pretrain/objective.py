@@ -81,9 +81,9 @@ def build_model(config: Config, objectives: list[Objective], *, materialize: boo
     return model
 
 
-def collate(builder, objectives: list[Objective], indices) -> dict[str, torch.Tensor]:
-    """The sample builder's fields plus every objective's."""
-    batch = builder.collate(indices)
+def collate(builder, objectives: list[Objective], indices, epochs=None) -> dict[str, torch.Tensor]:
+    """The sample builder's fields plus every objective's (`epochs`: each sample's, for dynamic masking)."""
+    batch = builder.collate(indices, epochs)
     for o in objectives:
         batch.update(o.collate(indices, batch))
     return batch

@@ -107,6 +107,8 @@ def _run_worker(config, resume: str | None) -> int:
 
         p, c = config.parallel, config.checkpoint
         resume_path = resolve_resume(resume, config.train.run_dir)
+        if resume_path:
+            _keep_recorded(config, resume_path, env.rank == 0)
         dims = ParallelDims.from_config(p)
         if config.train.backend == "deepspeed":  # the optional extra: imported only when asked for
             from rapidnlp.train.deepspeed_backend import DeepSpeedTrainer as Trainer  # noqa: F811
@@ -152,6 +154,23 @@ def _run_worker(config, resume: str | None) -> int:
             traceback.print_exc()
         code = 1
     shutdown(code)
+
+
+def _keep_recorded(config, checkpoint: str, report: bool) -> None:
+    """A resumed run trains under the settings its checkpoint was written with (config.RECORDED)."""
+    import json
+
+    from rapidnlp.config import keep_recorded
+
+    path = os.path.join(checkpoint, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the checkpoint's config ({e})") from None
+    for line in keep_recorded(config, saved if isinstance(saved, dict) else {}, path):
+        if report:
+            print(f"note: {line}", flush=True)
 
 
 def _warn_slow_cpu_precision(precision: str) -> None:
@@ -269,7 +288,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.to == "hf":
         stats = folders.export_hf(args.src, args.dst)
-        print(f"wrote {args.dst}: MegatronBertForMaskedLM ({stats['tensors']} tensors)"
+        print(f"wrote {args.dst}: {stats['class']} ({stats['tensors']} tensors)"
               + (", tokenizer.json" if stats["tokenizer"] else ", no tokenizer (the checkpoint has none)")
               + (f"; {len(stats['extras'])} pretraining-only tensors in pretraining_modules.safetensors"
                  if stats["extras"] else ""))
@@ -380,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect", nargs="+", help="report existing run folders instead of training")
     p.add_argument("--merge", nargs="+", help="merge report folders (their results.csv) into --output")
 
-    p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (MegatronBertForMaskedLM); "
+    p = sub.add_parser("convert", help="native checkpoint <-> HuggingFace folder (BertForMaskedLM or MegatronBertForMaskedLM); "
                                        "DeepSpeed-backend checkpoint -> native")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"], help="convert --to hf CKPT OUT (CKPT of either backend)")

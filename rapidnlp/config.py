@@ -40,6 +40,10 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
     fused_kernels: bool = False
+    # post: BERT's LayerNorm after each residual add (and on the embeddings), transformers'
+    # BertForMaskedLM; pre: Megatron's LayerNorm before each branch plus a final one,
+    # MegatronBertForMaskedLM (steadier at 300M+ parameters). Unset in a checkpoint: pre.
+    norm_position: str = "pre"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -76,6 +80,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-6
+    fused_adamw: bool = False  # AdamW's fused kernel on CPU too (on CUDA it is always used)
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still reported)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
     grad_reduce_dtype: str = "fp32"  # fp32 | bf16: dtype of the dp gradient reduction (bf16 halves its traffic)
@@ -105,6 +110,9 @@ class DataConfig:
     max_predictions: int = 0  # masked positions per sequence; 0: ceil(mask_prob * seq_len) + 2
     whole_word_mask: bool = False
     val_fraction: float = 0.01  # share of samples held out for validation
+    # Masks drawn anew each epoch (RoBERTa), a pure function of (seed, epoch, sample); false: the
+    # same masks every epoch (BERT's static masking).
+    dynamic_mask: bool = False
 
 
 @dataclass
@@ -167,6 +175,28 @@ SECTIONS = [f.name for f in dataclasses.fields(Config)]
 REMOVED = {
     "parallel.dp_mode": "parallel.dp_mode was removed: set parallel.zero instead (fsdp = 3, ddp = 0)",
 }
+
+
+# Settings a run trains under for good: a resumed checkpoint keeps the value it was written with,
+# whatever the config now says. A checkpoint written before a setting existed has its dataclass
+# default, which is therefore always the old behaviour; the configs in configs/ set the new one.
+RECORDED = (("model", "norm_position"), ("data", "dynamic_mask"), ("train", "precision"),
+            ("train", "fused_adamw"))
+
+
+def keep_recorded(config: Config, saved: dict, where: str) -> list[str]:
+    """Set every RECORDED field to the checkpoint's (`saved`: its config.json as a dict; an absent
+    field: the old default). Returns a line for each field that the checkpoint changed."""
+    changed = []
+    for section, key in RECORDED:
+        default = getattr(type(getattr(config, section))(), key)
+        stored = saved.get(section)
+        value = stored.get(key, default) if isinstance(stored, dict) else default
+        now = getattr(getattr(config, section), key)
+        if value != now:
+            apply(config, section, key, value, where)
+            changed.append(f"{section}.{key} = {value!r} as the checkpoint was trained (the config says {now!r})")
+    return changed
 
 
 def _finite(where: str, value: Any, what: str) -> float:
@@ -381,6 +411,8 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"train.optimizer = '{t.optimizer}': choose adamw or lamb")
     if t.lr_decay not in ("linear", "cosine", "constant"):
         raise UserError(f"train.lr_decay = '{t.lr_decay}': choose linear, cosine or constant")
+    if config.model.norm_position not in ("post", "pre"):
+        raise UserError(f"model.norm_position = '{config.model.norm_position}': choose post (BERT) or pre (Megatron)")
     if not 0.0 < config.data.mask_prob < 1.0:
         raise UserError(f"data.mask_prob ({config.data.mask_prob}) must be between 0 and 1")
     if p.pp > 1:

@@ -54,12 +54,12 @@ def test_transformers_loads_export_and_matches_our_logits(trained, exported):
 def assert_hf_logits_equal_ours(exported, config, state) -> None:
     """transformers loads the exported folder offline (model and tokenizer), and its logits on real
     text equal those of our BertForMLM holding `state`, to 1e-4."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, MegatronBertForMaskedLM
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, MegatronBertForMaskedLM
 
     from rapidnlp.model.bert import BertForMLM
 
     hf = AutoModelForMaskedLM.from_pretrained(exported).eval()
-    assert isinstance(hf, MegatronBertForMaskedLM)
+    assert isinstance(hf, {"post": BertForMaskedLM, "pre": MegatronBertForMaskedLM}[config.model.norm_position])
     tok = AutoTokenizer.from_pretrained(exported)
     ours = BertForMLM(config.model).eval()
     ours.load_state_dict(state)
@@ -131,9 +131,12 @@ def test_pretraining_continues_from_imported_weights_at_another_layout(pd_datase
 def test_bad_folders(tmp_path):
     res = run_cli("convert", "--from", "hf", str(tmp_path), str(tmp_path / "x"))
     assert res.returncode == 2 and "no config.json" in res.stderr
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta"}))
     res = run_cli("convert", "--from", "hf", str(tmp_path), str(tmp_path / "x"))
-    assert res.returncode == 2 and "megatron-bert" in res.stderr
+    assert res.returncode == 2 and "neither bert nor megatron-bert" in res.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    res = run_cli("convert", "--from", "hf", str(tmp_path), str(tmp_path / "x"))
+    assert res.returncode == 2 and "no num_hidden_layers" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("convert", "--to", "hf", str(tmp_path), str(tmp_path / "y"))
     assert res.returncode == 2 and "not a checkpoint" in res.stderr
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")

@@ -1,4 +1,5 @@
-"""Our encoder against a reference no one here wrote: transformers' MegatronBertForMaskedLM.
+"""Our encoder against a reference no one here wrote: transformers' BertForMaskedLM (post-LN
+layout) and MegatronBertForMaskedLM (pre-LN layout).
 
 The same weights (through rapidnlp.convert.hf) and the same real MLM batches (padding
 included) must give the same logits, the same gradients and the same 20-step loss curve.
@@ -7,13 +8,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up hangs here; nothing below needs it
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rapidnlp.config import ModelConfig, TrainConfig
-from rapidnlp.convert.hf import from_hf_state_dict, load_into_hf, to_hf_state_dict
+from rapidnlp.convert.hf import from_hf_state_dict, hf_class, load_into_hf, to_hf_state_dict
 from rapidnlp.data.mlm import IGNORE_INDEX, MLMSampleBuilder, SpecialIds, build_sample_ranges
 from rapidnlp.errors import UserError
 from rapidnlp.model.bert import BertForMLM
@@ -24,8 +27,9 @@ SEQ_LEN, MAX_PRED, BATCH, STEPS = 64, 12, 8, 20
 SPECIAL = SpecialIds(pad=0, cls=2, sep=3, mask=4, vocab_size=1000)
 
 
-def tiny_config() -> ModelConfig:
-    return ModelConfig(vocab_size=1000, max_position_embeddings=SEQ_LEN)  # 4 x 128, 4 heads; 1024 rows
+def tiny_config(norm_position: str) -> ModelConfig:
+    # 4 x 128, 4 heads; 1024 rows
+    return ModelConfig(vocab_size=1000, max_position_embeddings=SEQ_LEN, norm_position=norm_position)
 
 
 def builder(num_docs: int = BATCH * STEPS) -> MLMSampleBuilder:
@@ -67,11 +71,13 @@ def data() -> MLMSampleBuilder:
     return builder()
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["post", "pre"])
+def pair(request):
     torch.manual_seed(0)
-    model = BertForMLM(tiny_config())
-    return model, load_into_hf(model)
+    model = BertForMLM(tiny_config(request.param))
+    hf = load_into_hf(model)
+    assert type(hf).__name__ == {"post": "BertForMaskedLM", "pre": "MegatronBertForMaskedLM"}[request.param]
+    return model, hf
 
 
 def test_state_dict_round_trip_is_exact(pair, tmp_path):
@@ -93,9 +99,7 @@ def test_state_dict_round_trip_is_exact(pair, tmp_path):
     assert "cls.predictions.bias" in saved
     back = from_hf_state_dict(saved, model.cfg)
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
-    from transformers import MegatronBertForMaskedLM
-
-    reloaded = MegatronBertForMaskedLM.from_pretrained(tmp_path)
+    reloaded = hf_class(model.cfg).from_pretrained(tmp_path)
     assert torch.equal(reloaded.cls.predictions.decoder.bias, model.lm_head.decoder.bias)
     assert reloaded.cls.predictions.decoder.weight is reloaded.bert.embeddings.word_embeddings.weight
 
@@ -112,8 +116,8 @@ def test_wrong_keys_and_broken_ties_are_one_clear_error(pair):
     with pytest.raises(UserError, match="cls.predictions.decoder.bias' differs"):
         from_hf_state_dict(hf_state, model.cfg)
     with pytest.raises(UserError, match=r"missing keys: bert\.encoder\.layer\.4\."):
-        from_hf_state_dict(to_hf_state_dict(state, model.cfg), ModelConfig(vocab_size=1000, num_layers=5))
-    wide = ModelConfig(vocab_size=1000, max_position_embeddings=SEQ_LEN, ffn_size=256)
+        from_hf_state_dict(to_hf_state_dict(state, model.cfg), dataclasses.replace(model.cfg, num_layers=5))
+    wide = dataclasses.replace(model.cfg, ffn_size=256)
     with pytest.raises(UserError, match=r"'bert\.encoder\.layer\.0\.intermediate\.dense\.weight' has shape \[512, 128\]"):
         from_hf_state_dict(to_hf_state_dict(state, model.cfg), wide)
 
@@ -195,8 +199,6 @@ def test_fused_mlm_loss_matches_hf(pair, data):
     """model.fused_kernels: the head hands its transformed states to the MLM objective, whose loss
     decodes them chunk by chunk with the tied decoder (kernels.linear_cross_entropy); loss and
     gradients (the tied word embedding and the decoder bias included) equal transformers' own."""
-    import dataclasses
-
     from rapidnlp.config import Config
     from rapidnlp.pretrain.mlm import MLM
 

@@ -1,8 +1,9 @@
 """Checkpoint <-> HuggingFace folder conversion, in one process without a process group.
 
 `export_hf` reads a sharded checkpoint of any layout (DCP reassembles the full tensors) and
-writes a transformers folder: config.json + model.safetensors (MegatronBertForMaskedLM) and
-the tokenizer. `import_hf` turns such a folder (ours or any MegatronBERT masked-LM), and
+writes a transformers folder: config.json + model.safetensors (BertForMaskedLM or
+MegatronBertForMaskedLM, by the model's norm_position) and the tokenizer. `import_hf` turns such
+a folder (ours, or any BERT or MegatronBERT masked-LM), and
 `import_deepspeed` a DeepSpeed-backend checkpoint, into a weights-only native checkpoint that
 `rapidnlp pretrain --resume` starts from at any layout. Each writes to a temporary folder and
 renames it when complete.
@@ -18,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from rapidnlp.config import REMOVED, Config, ModelConfig, apply
-from rapidnlp.convert.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from rapidnlp.convert.hf import from_hf_state_dict, hf_class, hf_config, to_hf_state_dict
 from rapidnlp.errors import UserError
 from rapidnlp.io import write_json_atomic
 from rapidnlp.model.bert import BertForMLM
@@ -88,14 +89,12 @@ def _finish(tmp: str, out: str) -> None:
 
 
 def export_hf(ckpt: str, out: str) -> dict:
-    from transformers import MegatronBertForMaskedLM
-
     from rapidnlp.convert.hf_tokenizer import save_fast_tokenizer
 
     config, state, extras = read_native(ckpt)
     tmp = _fresh(out)
     try:
-        hf = MegatronBertForMaskedLM(hf_config(config.model))
+        hf = hf_class(config.model)(hf_config(config.model))
         hf.load_state_dict(to_hf_state_dict(state, config.model), strict=True)
         hf.save_pretrained(tmp)
         tokenizer = os.path.join(ckpt, "tokenizer.model")
@@ -111,7 +110,7 @@ def export_hf(ckpt: str, out: str) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"tensors": len(state), "extras": sorted(extras),
+    return {"tensors": len(state), "extras": sorted(extras), "class": type(hf).__name__,
             "tokenizer": os.path.isfile(os.path.join(out, "tokenizer.json"))}
 
 
@@ -121,10 +120,16 @@ def _model_config_from_hf(hf_dir: str) -> ModelConfig:
         raise UserError(f"{hf_dir}: not a transformers folder (no config.json)")
     with open(path) as f:
         hf = json.load(f)
-    if hf.get("model_type") != "megatron-bert":
-        raise UserError(f"{path}: model_type '{hf.get('model_type')}' is not megatron-bert "
-                        "(RapidNLP's encoder is MegatronBERT's pre-LayerNorm layout)")
+    layouts = {"bert": "post", "megatron-bert": "pre"}
+    if hf.get("model_type") not in layouts:
+        raise UserError(f"{path}: model_type '{hf.get('model_type')}' is neither bert nor megatron-bert "
+                        "(RapidNLP's encoder has BERT's post-LayerNorm or MegatronBERT's pre-LayerNorm layout)")
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                           "vocab_size", "max_position_embeddings", "type_vocab_size") if k not in hf]
+    if missing:
+        raise UserError(f"{path}: no {', '.join(missing)} (a transformers {hf['model_type']} config has them)")
     return ModelConfig(
+        norm_position=layouts[hf["model_type"]],
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_heads=hf["num_attention_heads"],
         ffn_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
@@ -214,7 +219,7 @@ def info(ckpt: str) -> str:
     lines = [
         f"checkpoint: {os.path.abspath(ckpt)}",
         f"kind: {meta.get('kind', 'training')}, step {meta['step']}, "
-        f"tokens {meta.get('consumed_tokens', 0):,}, samples {meta.get('consumed_samples', 0):,}",
+        f"tokens {meta.get('nonpad_tokens', meta.get('consumed_tokens', 0)):,}, samples {meta.get('consumed_samples', 0):,}",
         f"layout: {json.dumps(meta['layout'])}",
         f"model: {m.num_layers} layers x {m.hidden_size} hidden x {m.num_heads} heads, ffn {m.ffn_size}, "
         f"vocab {m.vocab_size} (padded {m.padded_vocab_size}), seq_len {config.data.seq_len}",

@@ -1,4 +1,6 @@
-"""Weights between our `BertForMLM` and transformers' `MegatronBertForMaskedLM`, one to one.
+"""Weights between our `BertForMLM` and transformers' masked-LM classes, one to one:
+`BertForMaskedLM` for the post-LayerNorm layout (`model.norm_position = "post"`, BERT's own),
+`MegatronBertForMaskedLM` for the pre-LayerNorm one (Megatron's). `hf_class` names which.
 
 The functions here work on plain, full (unsharded) tensors: gather a sharded checkpoint first.
 They import nothing from torch.distributed and copy no tensors (the returned dicts share
@@ -30,27 +32,29 @@ from rapidnlp.config import ModelConfig
 from rapidnlp.errors import UserError
 
 if TYPE_CHECKING:  # transformers is imported lazily: importing it costs seconds
-    from transformers import MegatronBertConfig, MegatronBertForMaskedLM
-
     from rapidnlp.model.bert import BertForMLM
 
 # Per-layer names: ours (under layers.{i}.) -> transformers' (under bert.encoder.layer.{i}.).
 _LAYER = (
-    ("attention_norm", "attention.ln"),
     ("attention.query", "attention.self.query"),
     ("attention.key", "attention.self.key"),
     ("attention.value", "attention.self.value"),
     ("attention.dense", "attention.output.dense"),
-    ("mlp_norm", "ln"),
     ("mlp.fc1", "intermediate.dense"),
     ("mlp.fc2", "output.dense"),
 )
+# The norms, by layout: MegatronBERT's before each branch and at the end; BERT's after each add
+# and on the embeddings.
+_NORMS = {
+    "pre": {"layer": (("attention_norm", "attention.ln"), ("mlp_norm", "ln")),
+            "outside": ("final_norm", "bert.encoder.ln")},
+    "post": {"layer": (("attention_norm", "attention.output.LayerNorm"), ("mlp_norm", "output.LayerNorm")),
+             "outside": ("embeddings.norm", "bert.embeddings.LayerNorm")},
+}
 _OUTSIDE = (
     ("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
     ("embeddings.position_embeddings.weight", "bert.embeddings.position_embeddings.weight"),
     ("embeddings.token_type_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"),
-    ("final_norm.weight", "bert.encoder.ln.weight"),
-    ("final_norm.bias", "bert.encoder.ln.bias"),
     ("lm_head.dense.weight", "cls.predictions.transform.dense.weight"),
     ("lm_head.dense.bias", "cls.predictions.transform.dense.bias"),
     ("lm_head.norm.weight", "cls.predictions.transform.LayerNorm.weight"),
@@ -69,9 +73,12 @@ _HF_IGNORED = ("bert.embeddings.position_ids",)
 
 def _name_map(cfg: ModelConfig) -> dict[str, str]:
     """Our parameter name -> transformers' name, for every non-tied tensor of the model."""
+    norms = _NORMS[cfg.norm_position]
     names = dict(_OUTSIDE)
+    ours, theirs = norms["outside"]
+    names.update({f"{ours}.{leaf}": f"{theirs}.{leaf}" for leaf in ("weight", "bias")})
     for i in range(cfg.num_layers):
-        for ours, theirs in _LAYER:
+        for ours, theirs in _LAYER + norms["layer"]:
             for leaf in ("weight", "bias"):
                 names[f"layers.{i}.{ours}.{leaf}"] = f"bert.encoder.layer.{i}.{theirs}.{leaf}"
     return names
@@ -83,11 +90,12 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "embeddings.word_embeddings.weight": (v, h),
         "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, h),
         "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, h),
-        "final_norm.weight": (h,), "final_norm.bias": (h,),
         "lm_head.dense.weight": (h, h), "lm_head.dense.bias": (h,),
         "lm_head.norm.weight": (h,), "lm_head.norm.bias": (h,),
         "lm_head.decoder.bias": (v,),
     }
+    norm = _NORMS[cfg.norm_position]["outside"][0]
+    shapes[norm + ".weight"] = shapes[norm + ".bias"] = (h,)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         for norm in ("attention_norm", "mlp_norm"):
@@ -130,11 +138,18 @@ def _check_shapes(ours: dict, cfg: ModelConfig, name_of, what: str) -> None:
             raise UserError(f"{what}: '{name_of(name)}' has shape {list(got)}, the configuration expects {list(shape)}")
 
 
-def hf_config(cfg: ModelConfig, *, pad_token_id: int = 0) -> "MegatronBertConfig":
-    """The `MegatronBertConfig` of a model with this shape (eager attention: the only one it has)."""
-    from transformers import MegatronBertConfig
+def hf_class(cfg: ModelConfig):
+    """The transformers class of this layout: BertForMaskedLM (post-LN) or MegatronBertForMaskedLM (pre-LN)."""
+    import transformers
 
-    return MegatronBertConfig(
+    return transformers.BertForMaskedLM if cfg.norm_position == "post" else transformers.MegatronBertForMaskedLM
+
+
+def hf_config(cfg: ModelConfig, *, pad_token_id: int = 0):
+    """The transformers config of a model with this shape and layout (MegatronBERT: eager
+    attention, the only one it has; BERT: transformers' default)."""
+    cls = hf_class(cfg)
+    return cls.config_class(
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -149,13 +164,13 @@ def hf_config(cfg: ModelConfig, *, pad_token_id: int = 0) -> "MegatronBertConfig
         layer_norm_eps=cfg.layer_norm_eps,
         pad_token_id=pad_token_id,
         tie_word_embeddings=True,
-        attn_implementation="eager",
-        architectures=["MegatronBertForMaskedLM"],
+        **({} if cfg.norm_position == "post" else {"attn_implementation": "eager"}),
+        architectures=[cls.__name__],
     )
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> `MegatronBertForMaskedLM`'s, including both tied copies of the head."""
+    """Our state dict -> transformers' (`hf_class`), including both tied copies of the head."""
     names = _name_map(cfg)
     what = "RapidNLP state dict"
     _check_keys(state, set(names), {copy for copy, _ in _OUR_TIES}, what)
@@ -168,9 +183,9 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """`MegatronBertForMaskedLM`'s state dict (tied copies optional) -> ours, tied copy included."""
+    """transformers' state dict (`hf_class`; tied copies optional) -> ours, tied copy included."""
     names = _name_map(cfg)
-    what = "MegatronBertForMaskedLM state dict"
+    what = f"{hf_class(cfg).__name__} state dict"
     _check_keys(hf_state, set(names.values()), {copy for copy, _ in _HF_TIES} | set(_HF_IGNORED), what)
     _check_ties(hf_state, _HF_TIES, what)
     out = {ours: hf_state[theirs] for ours, theirs in names.items()}
@@ -180,13 +195,11 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     return out
 
 
-def load_into_hf(model: "BertForMLM") -> "MegatronBertForMaskedLM":
-    """A `MegatronBertForMaskedLM` holding a copy of an unsharded model's weights (same dtype, device, mode)."""
-    from transformers import MegatronBertForMaskedLM
-
+def load_into_hf(model: "BertForMLM"):
+    """The transformers model (`hf_class`) holding a copy of an unsharded model's weights (same dtype, device, mode)."""
     state = model.state_dict()
     reference = state["embeddings.word_embeddings.weight"]
-    hf = MegatronBertForMaskedLM(hf_config(model.cfg))
+    hf = hf_class(model.cfg)(hf_config(model.cfg))
     hf.to(device=reference.device, dtype=reference.dtype)
     hf.load_state_dict(to_hf_state_dict(state, model.cfg), strict=True)
     return hf.train(model.training)

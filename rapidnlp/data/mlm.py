@@ -2,8 +2,10 @@
 
 A sample is a run of consecutive sentences of one document, packed up to seq_len - 2 tokens,
 wrapped as [CLS] ... [SEP] and padded. Masking (15%, 80% [MASK] / 10% random / 10% kept,
-optionally whole words) is a pure function of (seed, sample index), never of the rank or the
-layout, so every parallel layout sees the same masked tokens as the single process.
+optionally whole words) is a pure function of (seed, sample index), or with `dynamic` of
+(seed, epoch, sample index) so that each pass over the data masks other positions (RoBERTa),
+never of the rank or the layout: every parallel layout sees the masked tokens of the single
+process, and a resumed run those of the uninterrupted one.
 
 The masked positions come as a fixed number per sequence (max_predictions, padded with label
 -100) so that the model computes its MLM head only there and batches keep fixed shapes.
@@ -61,6 +63,7 @@ class MLMSampleBuilder:
         mask_prob: float = 0.15,
         seed: int = 0,
         word_starts: np.ndarray | None = None,
+        dynamic: bool = False,
     ):
         self.dataset = dataset
         self.ranges = ranges
@@ -70,6 +73,7 @@ class MLMSampleBuilder:
         self.mask_prob = mask_prob
         self.seed = seed
         self.word_starts = word_starts  # bool per vocabulary id; None: mask single tokens
+        self.dynamic = dynamic
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -79,9 +83,9 @@ class MLMSampleBuilder:
         toks = np.concatenate([np.asarray(self.dataset[s], dtype=np.int64) for s in range(first, end)])
         return toks[: self.seq_len - 2]
 
-    def build(self, index: int) -> dict[str, np.ndarray]:
+    def build(self, index: int, epoch: int = 0) -> dict[str, np.ndarray]:
         sp = self.special
-        rng = np.random.default_rng((self.seed, index))
+        rng = np.random.default_rng((self.seed, epoch, index) if self.dynamic else (self.seed, index))
         body = self.tokens(index)
         n = len(body)
         input_ids = np.full(self.seq_len, sp.pad, dtype=np.int64)
@@ -130,6 +134,9 @@ class MLMSampleBuilder:
             chosen = list(words[rng.integers(len(words))][:target])
         return np.sort(np.asarray(chosen, dtype=np.int64))
 
-    def collate(self, indices) -> dict[str, torch.Tensor]:
-        samples = [self.build(int(i)) for i in indices]
+    def collate(self, indices, epochs=None) -> dict[str, torch.Tensor]:
+        """The samples `indices` stacked; `epochs` (one per index; None: all 0) picks their masks
+        when masking is dynamic."""
+        epochs = [0] * len(indices) if epochs is None else epochs
+        samples = [self.build(int(i), int(e)) for i, e in zip(indices, epochs)]
         return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}

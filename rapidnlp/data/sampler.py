@@ -46,12 +46,19 @@ class GlobalBatchSampler:
             pos += take
         return np.concatenate(out)
 
-    def step_at(self, position: int) -> list[np.ndarray]:
-        """This rank's micro-batches of the global batch that starts at stream position `position`."""
-        batch = self.global_indices(position, self.global_batch)
+    def _mine(self, batch: np.ndarray) -> list[np.ndarray]:
+        """This rank's share of a global batch's values, split into micro-batches."""
         per_rank = self.global_batch // self.dp_size
         mine = batch[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         return [mine[i : i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
+
+    def step_at(self, position: int) -> list[np.ndarray]:
+        """This rank's micro-batches of the global batch that starts at stream position `position`."""
+        return self._mine(self.global_indices(position, self.global_batch))
+
+    def epochs_at(self, position: int) -> list[np.ndarray]:
+        """The epoch of each sample of `step_at(position)` (dynamic masking draws by it)."""
+        return self._mine(np.arange(position, position + self.global_batch) // self.num_samples)
 
     def next_step(self) -> list[np.ndarray]:
         """This rank's micro-batches for the next optimizer step."""

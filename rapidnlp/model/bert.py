@@ -1,9 +1,16 @@
-"""A BERT-style masked-LM encoder with pre-LayerNorm blocks (Megatron's BERT).
+"""A BERT-style masked-LM encoder, its LayerNorms after the residual adds (BERT) or before the
+branches (Megatron's BERT), as `model.norm_position` says.
 
-Weights map one to one onto transformers' `MegatronBertForMaskedLM` (see rapidnlp/convert/hf.py):
-embeddings (word + position + token type, no LayerNorm), N pre-LN blocks, a final LayerNorm,
-and the MLM head (dense, GeLU, LayerNorm, decoder tied to the word embedding). Pre-LN is what
-keeps 1.5B-parameter BERTs trainable (Megatron-LM, Shoeybi et al. 2019).
+post (BERT, transformers' `BertForMaskedLM`): embeddings (word + position + token type) and a
+LayerNorm, N blocks each `x = norm(x + branch(x))` for attention and MLP, no final norm.
+pre (Megatron, `MegatronBertForMaskedLM`): embeddings without LayerNorm, N blocks each
+`x = x + branch(norm(x))`, a final LayerNorm. Pre-LN is what keeps 1.5B-parameter BERTs
+trainable (Megatron-LM, Shoeybi et al. 2019); at 4 x 256 on a character vocabulary it learns
+far slower per token than post-LN at the same learning rate (docs/results.md, learning parity).
+Both have the MLM head (dense, GeLU, LayerNorm, decoder tied to the word embedding), and the
+same parameter names and count: a block's `attention_norm`/`mlp_norm` sit after the add in
+post, before the branch in pre; post's embedding norm takes the place of pre's final norm.
+See rapidnlp/convert/hf.py for the transformers names.
 
 The MLM head runs only at the masked positions (a fixed number per sequence, padded with
 label -100), as NVIDIA's BERT does: the vocabulary projection is the largest matmul of a
@@ -53,12 +60,16 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        # post-LN (BERT) normalises the embeddings' sum; pre-LN leaves that to the first block.
+        self.norm = layer_norm(cfg) if cfg.norm_position == "post" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(positions)
+        if self.norm is not None:
+            x = self.norm(x)
         return self.dropout(x)
 
 
@@ -131,18 +142,24 @@ class Block(nn.Module):
         self.mlp_norm = layer_norm(cfg)
         self.mlp = MLP(cfg)
         self.fused = cfg.fused_kernels
+        self.post_norm = cfg.norm_position == "post"
         self.residual_dropout = cfg.dropout
         # (i, n): x is slice i of n equal slices of the sequence (sequence parallelism sets it), so
         # that the fused dropout draws that slice of the whole sequence's mask.
         self.sequence_shard = (0, 1)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def _add(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x + the branch's output, through its residual dropout (one kernel when fused)."""
         if self.fused:
-            p, shard = self.residual_dropout, self.sequence_shard
-            x = kernels.dropout_add(self.attention(self.attention_norm(x), key_mask), x, p, self.training, shard=shard)
-            return kernels.dropout_add(self.mlp(self.mlp_norm(x)), x, p, self.training, shard=shard)
-        x = x + self.attention(self.attention_norm(x), key_mask)
-        return x + self.mlp(self.mlp_norm(x))
+            return kernels.dropout_add(branch, x, self.residual_dropout, self.training, shard=self.sequence_shard)
+        return x + branch
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = self.attention_norm(self._add(self.attention(x, key_mask), x))
+            return self.mlp_norm(self._add(self.mlp(x), x))
+        x = self._add(self.attention(self.attention_norm(x), key_mask), x)
+        return self._add(self.mlp(self.mlp_norm(x)), x)
 
 
 class MLMHead(nn.Module):
@@ -232,7 +249,9 @@ class BertForMLM(nn.Module):
         # A dict keyed by layer number keeps parameter names stable when a pipeline stage
         # drops the layers it does not own.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
-        self.final_norm = layer_norm(cfg)
+        # post-LN's blocks end normalised: an Identity stands in (a pipeline stage's `final_norm`
+        # is None exactly when it is not the last).
+        self.final_norm = layer_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         pieces = [mlm_piece(cfg)] if pieces is None else pieces
         for piece in pieces:
             if hasattr(self, piece.name):
@@ -270,14 +289,15 @@ class BertForMLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers);
-        pieces too, then a piece module's own `init_weights()` where it has one (a gate that
+        """Normal(0, init_std) weights; pre-LN's residual output projections scaled by
+        1/sqrt(2 * layers) (Megatron; post-LN keeps BERT's plain init); pieces too, then a piece module's own `init_weights()` where it has one (a gate that
         starts shut, a table initialised from the word embedding). Tied copies are replaced by
         their originals afterwards (`tie_weights`)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scaled = name.endswith("attention.dense") or name.endswith("mlp.fc2")
+                scaled = self.cfg.norm_position == "pre" and (name.endswith("attention.dense")
+                                                              or name.endswith("mlp.fc2"))
                 module.weight.normal_(0.0, std / math.sqrt(2 * self.cfg.num_layers) if scaled else std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()

@@ -27,8 +27,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, *, zero1_group=None) -> 
     if cfg.optimizer == "lamb":
         cls, kwargs = Lamb, dict(lr=cfg.lr, betas=betas, eps=cfg.eps)
     else:
-        on_cuda = next(model.parameters()).is_cuda
-        cls, kwargs = torch.optim.AdamW, dict(lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True if on_cuda else None)
+        fused = cfg.fused_adamw or next(model.parameters()).is_cuda
+        cls, kwargs = torch.optim.AdamW, dict(lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True if fused else None)
     if zero1_group is None:
         return cls(groups, **kwargs)
     from torch.distributed.optim import ZeroRedundancyOptimizer

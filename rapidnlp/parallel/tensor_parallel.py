@@ -3,7 +3,8 @@
 Megatron's layout: column-parallel query/key/value and fc1, row-parallel attention output and
 fc2, a vocab-parallel word embedding, and a vocab-parallel decoder whose logits stay sharded
 for `loss_parallel` cross-entropy. With sequence parallelism the residual stream between blocks
-is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard, and the
+is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard (post-LN's embedding norm runs on
+the whole sequence inside the embeddings, as the position embeddings do), and the
 blocks all-gather before attention/MLP and reduce-scatter after them.
 
 With `model.fused_kernels` the kernels run on the local shards (rapidnlp.kernels.dispatch): the
@@ -19,6 +20,7 @@ are None).
 """
 from __future__ import annotations
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -48,11 +50,14 @@ def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_pa
             root_plan["embeddings"] = PrepareModuleOutput(
                 output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
             )
-        if model.final_norm is not None:
+        if isinstance(model.final_norm, nn.LayerNorm):  # pre-LN's (post-LN has an Identity)
             root_plan["final_norm"] = SequenceParallel()
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan)
 
+    # Post-LN's norms end a block's halves: their output is the residual stream, a local shard
+    # like the block's input; pre-LN's feed a branch, which takes their DTensor as it is.
+    post = model.cfg.norm_position == "post"
     for block in model.layers.values():
         plan = {
             "attention.query": ColwiseParallel(),
@@ -65,11 +70,11 @@ def apply_tensor_parallel(model: BertForMLM, tp_mesh: DeviceMesh, *, sequence_pa
         }
         if sequence_parallel:
             plan.update({
-                "attention_norm": SequenceParallel(),
+                "attention_norm": SequenceParallel(use_local_output=post),
                 "attention": PrepareModuleInput(
                     input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
                 ),
-                "mlp_norm": SequenceParallel(),
+                "mlp_norm": SequenceParallel(use_local_output=post),
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)

@@ -132,6 +132,7 @@ _TRAINING_META = {
                "the layout {pp, dp, tp, zero, ...}", True),
     "loss_scaler": (lambda v: v is None or (isinstance(v, dict) and _is(v.get("scale"), (int, float))
                                             and _is(v.get("clean_steps"), int)), "null or the loss scaler state", False),
+    "nonpad_tokens": (lambda v: _is(v, int) and v >= 0, "the count of non-padding tokens trained on", False),
     "skipped": (lambda v: isinstance(v, dict) and all(_is(v.get(k, 0), int) for k in ("total", "in_a_row"))
                 and (v.get("last_finite") is None or (isinstance(v["last_finite"], list) and len(v["last_finite"]) == 2
                                                       and _is(v["last_finite"][0], int)
@@ -499,7 +500,8 @@ class Checkpointer:
             "format": FORMAT_VERSION,
             "step": trainer.step,
             "consumed_samples": trainer.sampler.consumed_samples,
-            "consumed_tokens": trainer.sampler.consumed_samples * trainer.config.data.seq_len,
+            "consumed_tokens": trainer.sampler.consumed_samples * trainer.config.data.seq_len,  # padding included
+            "nonpad_tokens": trainer.consumed_tokens,
             "sampler": trainer.sampler.state_dict(),
             "layout": layout(trainer),
             "loss_scaler": trainer.scaler.state_dict() if trainer.scaler else None,
@@ -609,6 +611,8 @@ class Checkpointer:
     def _restore_progress(self, trainer, path: str, meta: dict, *, changed_objectives: bool = False) -> None:
         """Step, data position, loss scale and (same layout) this rank's RNG streams."""
         trainer.step = meta["step"]
+        # Older checkpoints counted padding too: their count is all there is.
+        trainer.consumed_tokens = int(meta.get("nonpad_tokens", meta.get("consumed_tokens", 0)))
         _load_sampler(trainer, meta["sampler"], path, changed_objectives=changed_objectives)
         if trainer.scaler and meta.get("loss_scaler"):
             trainer.scaler.load_state_dict(meta["loss_scaler"])

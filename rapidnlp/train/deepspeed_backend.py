@@ -127,7 +127,7 @@ class DeepSpeedTrainer(Trainer):
             group["lr"] = lr
         self._set_progress()
         batch, waited = self._next_batch()
-        norms = self._normalisers(batch)
+        norms, tokens = self._counts(batch)
         # DeepSpeed divides the loss by gradient_accumulation_steps and averages gradients over
         # dp: scaling by both makes the gradient the global batch's weighted mean losses, as the
         # single process computes them. The forward and the loss are the torch backend's.
@@ -154,7 +154,7 @@ class DeepSpeedTrainer(Trainer):
             "mem_activation_bytes": self.activations.bytes,
             "mem_optimizer_bytes": optimizer_state_bytes(self.base_optimizer),
         }
-        row = self._finish_step(sums, norms, lr, grad_norm, started, memory)
+        row = self._finish_step(sums, norms, tokens, lr, grad_norm, started, memory)
         row["data_wait_s"] = waited
         # DeepSpeed skips only fp16 overflows; in fp32/bf16 it applies a non-finite step, which
         # still counts towards train.max_skipped_steps (and non-finite weights are never saved).

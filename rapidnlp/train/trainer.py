@@ -87,7 +87,7 @@ def load_data(config: Config) -> Data:
         vocab_size=tokenizer.vocab_size,
     )
     common = dict(seq_len=d.seq_len, max_predictions=max_predictions(config), mask_prob=d.mask_prob,
-                  seed=config.train.seed)
+                  seed=config.train.seed, dynamic=d.dynamic_mask)
     entity_tokens = None
     if k.enabled:
         folder = knowledge_dir(d.path)
@@ -174,9 +174,11 @@ class Trainer:
         # are consumed.
         ahead = copy.copy(self.sampler)
         self.prefetch = Prefetcher(lambda position: collate(self.data.train, self.objectives,
-                                                            _flat(ahead.step_at(position))),
+                                                            _flat(ahead.step_at(position)),
+                                                            _flat(ahead.epochs_at(position))),
                                    stride=t.global_batch)
         self.step = 0
+        self.consumed_tokens = 0  # non-padding tokens trained on
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (fp16: overflow)
         self.skipped_in_a_row = 0
         self.last_finite: tuple[int, float] | None = None  # (step, loss) of the last step taken
@@ -225,8 +227,11 @@ class Trainer:
     def _loss_context(self):
         return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
 
-    def _normalisers(self, batch) -> torch.Tensor:
-        return reduce_dp(normalisers(self.objectives, batch).to(self.device), self.dims)
+    def _counts(self, batch) -> tuple[torch.Tensor, float]:
+        """Each objective's normaliser and the non-padding tokens, over the global batch (one all-reduce)."""
+        local = torch.cat([normalisers(self.objectives, batch), batch["attention_mask"].sum().float()[None]])
+        total = reduce_dp(local.to(self.device), self.dims)
+        return total[:-1], float(total[-1])
 
     def _pipeline_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Values only the last stage computed, on every rank (summed over the pp group)."""
@@ -253,7 +258,7 @@ class Trainer:
             group["lr"] = lr
         self._set_progress()
         batch, waited = self._next_batch()
-        norms = self._normalisers(batch)
+        norms, tokens = self._counts(batch)
         sums = self._forward_backward(batch, norms)
         params = list(self.model.parameters())
         memory = {"mem_params_bytes": tensor_bytes(params), "mem_grads_bytes": tensor_bytes(p.grad for p in params),
@@ -267,7 +272,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         memory["mem_optimizer_bytes"] = optimizer_state_bytes(self.optimizer)
-        row = self._finish_step(sums, norms, lr, None if skip else grad_norm, started, memory)
+        row = self._finish_step(sums, norms, tokens, lr, None if skip else grad_norm, started, memory)
         row["data_wait_s"] = waited
         self._count_skip(row, skip)
         if self.scaler:
@@ -327,11 +332,13 @@ class Trainer:
         row.update({f"{prefix}loss_{o.name}": float(v) for o, v in zip(self.objectives, parts)})
         return row
 
-    def _finish_step(self, sums: torch.Tensor, norms: torch.Tensor, lr: float, grad_norm,
+    def _finish_step(self, sums: torch.Tensor, norms: torch.Tensor, tokens: float, lr: float, grad_norm,
                      started: float, memory: dict) -> dict:
-        """Count the step and return its metrics row (every backend's common part)."""
+        """Count the step and return its metrics row (every backend's common part). Tokens are the
+        global batch's non-padding tokens: what throughput and the token budget count."""
         t = self.config.train
         self.step += 1
+        self.consumed_tokens += int(tokens)
         elapsed = time.perf_counter() - started
         tflops = self.flops_per_step / elapsed / dist.get_world_size() / 1e12
         return {
@@ -339,7 +346,10 @@ class Trainer:
             **self._losses(sums, norms),
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": t.global_batch * self.config.data.seq_len / elapsed,
+            "tokens": int(tokens),
+            "consumed_tokens": self.consumed_tokens,
+            "padding": 1.0 - tokens / (t.global_batch * self.config.data.seq_len),
+            "tokens_per_s": tokens / elapsed,
             "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak if self.peak else None,
             "peak_mem_bytes": peak_memory_bytes(self.device),
@@ -366,7 +376,7 @@ class Trainer:
         self.model.eval()
         for _ in range(t.eval_batches):
             batch = self._batch(builder, sampler.next_step())
-            norms += self._normalisers(batch)
+            norms += self._counts(batch)[0]
             inputs = self._inputs(batch)
             for chunk in torch.arange(inputs[0].shape[0], device=self.device).chunk(accumulation_steps(self.config)):
                 with self._autocast():

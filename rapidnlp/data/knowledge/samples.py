@@ -24,7 +24,8 @@ Fields (every cap from the config: static shapes), besides the MLM ones:
   spo_pos       [T, 3]   the packed positive triples (s, p, o) (-1 padding)
   spo_neg       [T, K, 3] their negatives; a negative equal to a positive is dropped (-1)
   spo_spans     [T, 2, 2] token spans of each packed triple's subject and object (-1 padding)
-Everything is a pure function of (seed, sample index).
+Everything is a pure function of (seed, sample index); with `dynamic` the masks are drawn by
+(seed, sample index, epoch) (data.dynamic_mask), the triples and negatives still by the index.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from rapidnlp.data.mlm import IGNORE_INDEX, SpecialIds
 
 class KnowledgeSampleBuilder:
     def __init__(self, folder: str, kg: KnowledgeGraph, ranges: np.ndarray, special: SpecialIds, cfg, *,
-                 seq_len: int, max_predictions: int, mask_prob: float, seed: int):
+                 seq_len: int, max_predictions: int, mask_prob: float, seed: int, dynamic: bool = False):
         self.side = KnowledgeSamples(
             folder, kg, seq_len=seq_len - cfg.triple_budget, max_triples=cfg.max_triples,
             max_subgraph=cfg.subgraph_edges, negatives=cfg.negatives,
@@ -50,11 +51,12 @@ class KnowledgeSampleBuilder:
         self.triple_tokens = IndexedDataset(os.path.join(folder, "triples"))
         self.kg, self.ranges, self.special, self.cfg = kg, ranges, special, cfg
         self.seq_len, self.max_predictions, self.mask_prob, self.seed = seq_len, max_predictions, mask_prob, seed
+        self.dynamic = dynamic
 
     def __len__(self) -> int:
         return len(self.ranges)
 
-    def build(self, index: int) -> dict[str, np.ndarray]:
+    def build(self, index: int, epoch: int = 0) -> dict[str, np.ndarray]:
         cfg, sp, S = self.cfg, self.special, self.seq_len
         first, end = self.ranges[index]
         side = self.side.sample(index, int(first), int(end))
@@ -86,7 +88,7 @@ class KnowledgeSampleBuilder:
             packed.append(i)
             pos += need
         length = pos
-        rng = np.random.default_rng((self.seed, int(index), 1))
+        rng = np.random.default_rng((self.seed, int(index), 1, epoch) if self.dynamic else (self.seed, int(index), 1))
         sentence_spans = [tuple(int(x) for x in row) for row in side["mention_spans"]]
         positions = self._mask_positions(rng, n, sentence_spans, triple_spans, predicate_tokens)
         labels = ids[positions].copy()
@@ -191,6 +193,8 @@ class KnowledgeSampleBuilder:
                     neg[i, j] = row
         return {"spo_pos": pos, "spo_neg": neg, "spo_spans": spans}
 
-    def collate(self, indices) -> dict[str, torch.Tensor]:
-        samples = [self.build(int(i)) for i in indices]
+    def collate(self, indices, epochs=None) -> dict[str, torch.Tensor]:
+        """The samples `indices` stacked; `epochs` (None: all 0) picks their masks when dynamic."""
+        epochs = [0] * len(indices) if epochs is None else epochs
+        samples = [self.build(int(i), int(e)) for i, e in zip(indices, epochs)]
         return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
