@@ -113,6 +113,9 @@ class DataConfig:
     # Masks drawn anew each epoch (RoBERTa), a pure function of (seed, epoch, sample); false: the
     # same masks every epoch (BERT's static masking).
     dynamic_mask: bool = False
+    # Pack consecutive sentences into samples across document boundaries (RoBERTa's FULL-SENTENCES)
+    # instead of within one document: short documents then leave no padding.
+    cross_documents: bool = False
 
 
 @dataclass
@@ -180,8 +183,8 @@ REMOVED = {
 # Settings a run trains under for good: a resumed checkpoint keeps the value it was written with,
 # whatever the config now says. A checkpoint written before a setting existed has its dataclass
 # default, which is therefore always the old behaviour; the configs in configs/ set the new one.
-RECORDED = (("model", "norm_position"), ("data", "dynamic_mask"), ("train", "precision"),
-            ("train", "fused_adamw"))
+RECORDED = (("model", "norm_position"), ("data", "dynamic_mask"), ("data", "cross_documents"),
+            ("train", "precision"), ("train", "fused_adamw"))
 
 
 def keep_recorded(config: Config, saved: dict, where: str) -> list[str]:
@@ -411,6 +414,9 @@ def resolve_layout(config: Config, world_size: int) -> None:
         raise UserError(f"train.optimizer = '{t.optimizer}': choose adamw or lamb")
     if t.lr_decay not in ("linear", "cosine", "constant"):
         raise UserError(f"train.lr_decay = '{t.lr_decay}': choose linear, cosine or constant")
+    if config.data.cross_documents and config.knowledge.enabled:
+        raise UserError("data.cross_documents with knowledge.enabled: knowledge samples are one document's "
+                        "sentences with their linked triples; set data.cross_documents = false")
     if config.model.norm_position not in ("post", "pre"):
         raise UserError(f"model.norm_position = '{config.model.norm_position}': choose post (BERT) or pre (Megatron)")
     if not 0.0 < config.data.mask_prob < 1.0:

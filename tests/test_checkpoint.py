@@ -291,3 +291,37 @@ def test_save_killed_midway_keeps_previous(pd_dataset, tmp_path):
     ok(run_cli(*train_args(pd_dataset, run_dir, 6), "--resume", "auto"))
     assert [r for r in rows(run_dir) if "resumed_from" in r][0]["resumed_from"] == 2
     assert (ckpts / "latest").read_text() == "step_6" and not (ckpts / "step_4.tmp").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_checkpoint_older_than_its_settings_resumes_under_the_old_ones(pd_dataset, tmp_path):
+    """A checkpoint whose config.json predates model.norm_position, data.dynamic_mask,
+    data.cross_documents and train.fused_adamw was trained pre-LN with static masks: it resumes
+    so, bit for bit, although configs/tiny.toml now says post-LN and dynamic masks."""
+    import shutil
+
+    from rapidnlp.train.checkpoint import manifest
+
+    ref = tmp_path / "ref"
+    ok(run_cli(*train_args(pd_dataset, ref, 6), "--model.norm_position", "pre", "--data.dynamic_mask", "false"))
+    run = tmp_path / "run"
+    shutil.copytree(ref / "checkpoints" / "step_4", run / "checkpoints" / "step_4")
+    (run / "checkpoints" / "latest").write_text("step_4")
+    old = run / "checkpoints" / "step_4"
+    config = json.loads((old / "config.json").read_text())
+    for section, key in (("model", "norm_position"), ("data", "dynamic_mask"), ("data", "cross_documents"),
+                         ("train", "fused_adamw")):
+        del config[section][key]
+    (old / "config.json").write_text(json.dumps(config))
+    meta = json.loads((old / "meta.json").read_text())
+    meta["files"] = manifest(str(old))
+    (old / "meta.json").write_text(json.dumps(meta))
+    res = ok(run_cli(*train_args(pd_dataset, run, 6), "--resume", "auto"))
+    assert "model.norm_position = 'pre' as the checkpoint was trained" in res.stdout
+    assert "data.dynamic_mask = False as the checkpoint was trained" in res.stdout
+    assert losses(run) == {s: losses(ref)[s] for s in (5, 6)}
+    # A new run of the same config trains post-LN with dynamic masks: another curve.
+    new = tmp_path / "new"
+    ok(run_cli(*train_args(pd_dataset, new, 6)))
+    assert losses(new)[6] != losses(ref)[6]

@@ -115,3 +115,22 @@ def test_max_predictions_default():
     config = Config()
     config.data.seq_len, config.data.mask_prob = 128, 0.15
     assert max_predictions(config) == 22  # ceil(19.2) + 2
+
+
+def test_a_resumed_checkpoint_keeps_its_recorded_settings():
+    """config.RECORDED: what a checkpoint's config.json says wins; a field it lacks (written
+    before the field existed) means the old behaviour, the dataclass default."""
+    from rapidnlp.config import keep_recorded, load_config
+
+    config = load_config(str(REPO / "configs" / "tiny.toml"))
+    assert config.model.norm_position == "post" and config.data.dynamic_mask
+    old = {"model": {"num_layers": 4}, "data": {"seq_len": 128}, "train": {"precision": "fp32"}}
+    lines = keep_recorded(config, old, "ckpt/config.json")
+    assert config.model.norm_position == "pre" and not config.data.dynamic_mask
+    assert any("model.norm_position = 'pre'" in line for line in lines) and len(lines) == 2
+    assert keep_recorded(config, {"model": {"norm_position": "pre"}}, "x") == []
+    keep_recorded(config, {"model": {"norm_position": "post"}, "data": {"dynamic_mask": True}}, "x")
+    assert config.model.norm_position == "post" and config.data.dynamic_mask
+    bad = load_config(None, ["--model.norm_position", "middle"])
+    with pytest.raises(UserError, match="model.norm_position = 'middle': choose post"):
+        resolve_layout(bad, 1)

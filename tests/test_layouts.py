@@ -35,6 +35,7 @@ def curves(pd_dataset, references, tmp_path_factory):
     results = {f"single/{opt}": references[REFERENCE[opt]] for opt in OPTIMIZERS}
     results.update({f"single_again/{opt}": references[REFERENCE[opt] + "_again"] for opt in OPTIMIZERS})
     results["single_bf16/adamw"] = references["single_bf16"]
+    results["single_pre"] = references["single_pre"]
     for nproc, layouts in LAYOUTS.items():
         runs = [
             {"name": f"{name}/{opt}", "overrides": {**over, "train.optimizer": opt}}
@@ -42,6 +43,7 @@ def curves(pd_dataset, references, tmp_path_factory):
         ]
         if nproc == 2:
             runs += [
+                {"name": "tp2_pre", "overrides": {"parallel.tp": 2, "model.norm_position": "pre"}},
                 {"name": "twin_sp", "overrides": {"parallel.tp": 2}, "dense_twin": True},
                 {"name": "twin_no_sp", "dense_twin": True, "overrides": {
                     "parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False}},
@@ -64,6 +66,19 @@ def test_layout_matches_single_process(curves, layout, optimizer):
     assert len(ref) == len(got) == STEPS
     np.testing.assert_allclose(_series(got, "loss"), _series(ref, "loss"), rtol=1e-4)
     np.testing.assert_allclose(_series(got, "grad_norm"), _series(ref, "grad_norm"), rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pre_layernorm_layout_matches_single_process(curves):
+    """Megatron's pre-LN blocks (model.norm_position = "pre"; the configs default to BERT's
+    post-LN) under tp2 with sequence parallelism, against their own single process."""
+    ref, got = curves["single_pre"], curves["tp2_pre"]
+    assert len(ref) == len(got) == STEPS
+    np.testing.assert_allclose(_series(got, "loss"), _series(ref, "loss"), rtol=1e-4)
+    np.testing.assert_allclose(_series(got, "grad_norm"), _series(ref, "grad_norm"), rtol=1e-4)
+    # The flag reached the model: the two layouts train differently.
+    assert np.abs(_series(ref, "loss") - _series(curves["single/adamw"], "loss")).max() > 1e-3
 
 
 @pytest.mark.slow

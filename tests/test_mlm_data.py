@@ -116,3 +116,38 @@ def test_sampler_state_round_trip():
         assert all((x == y).all() for x, y in zip(a.next_step(), b.next_step()))
     with pytest.raises(ValueError, match="seed"):
         GlobalBatchSampler(50, global_batch=4, micro_batch=2, dp_rank=0, dp_size=1, seed=1).load_state_dict(a.state_dict())
+
+
+def test_dynamic_masks_are_a_function_of_seed_epoch_and_index():
+    """data.dynamic_mask: each epoch masks other positions, and the same (seed, epoch, index)
+    always the same ones; static masking ignores the epoch (BERT's, the old behaviour)."""
+    static, *_ = make_builder(seed=1)
+    dynamic, *_ = make_builder(seed=1)
+    dynamic.dynamic = True
+    for i in (0, 5, 17):
+        assert (static.build(i, 0)["mlm_positions"] == static.build(i, 3)["mlm_positions"]).all()
+        assert (dynamic.build(i, 2)["input_ids"] == dynamic.build(i, 2)["input_ids"]).all()
+        assert (dynamic.build(i, 0)["attention_mask"] == dynamic.build(i, 1)["attention_mask"]).all()
+    assert sum((dynamic.build(i, 0)["mlm_positions"] != dynamic.build(i, 1)["mlm_positions"]).any()
+               for i in range(20)) >= 15
+    batch = dynamic.collate([3, 3], [0, 1])
+    assert (batch["mlm_positions"][0] != batch["mlm_positions"][1]).any()
+
+
+def test_sampler_epochs_follow_the_stream():
+    s = GlobalBatchSampler(10, global_batch=4, micro_batch=2, dp_rank=1, dp_size=2, seed=0)
+    # positions 8..11 of the stream: this rank's share is positions 10, 11, both of epoch 1
+    assert [e.tolist() for e in s.epochs_at(8)] == [[1, 1]]
+    assert [e.tolist() for e in s.epochs_at(6)] == [[0, 0]]  # positions 8, 9
+    s.dp_rank = 0
+    assert [e.tolist() for e in s.epochs_at(8)] == [[0, 0]]
+
+
+def test_cross_document_packing_leaves_less_padding():
+    """data.cross_documents: the corpus as one document (the trainer passes [0, n]); samples then
+    fill up to seq_len - 2 whatever the documents."""
+    lengths = np.array([10, 20, 30, 5, 70, 3])
+    within = build_sample_ranges(lengths, np.array([0, 3, 6]), 40)
+    across = build_sample_ranges(lengths, np.array([0, 6]), 40)
+    assert across.tolist() == [[0, 2], [2, 4], [4, 5], [5, 6]]
+    assert len(across) < len(within)

@@ -109,7 +109,9 @@ def load_data(config: Config) -> Data:
         def builder(ranges):
             return MLMSampleBuilder(dataset, ranges, special, word_starts=word_starts, **common)
 
-    ranges = build_sample_ranges(dataset.sequence_lengths, dataset.document_indices, max_tokens)
+    # data.cross_documents: the whole corpus as one document, so samples pack across boundaries.
+    documents = np.array([0, len(dataset.sequence_lengths)]) if d.cross_documents else dataset.document_indices
+    ranges = build_sample_ranges(dataset.sequence_lengths, documents, max_tokens)
     if len(ranges) == 0:
         raise UserError(f"{d.path}: the dataset holds no tokens")
     n_val = int(len(ranges) * d.val_fraction) if config.train.eval_interval else 0
