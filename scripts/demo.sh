@@ -19,3 +19,6 @@ fi
 rapidnlp pretrain --config configs/tiny.toml --nproc 4 --parallel.tp 2 --train.run_dir runs/demo \
   --knowledge.enabled true --objectives.mention 0.5 --objectives.spo 0.5 --objectives.fusion 1 "$@"
 echo "metrics: runs/demo/metrics.jsonl (one JSON row per step); resolved config: runs/demo/config.json"
+# Something to look at: the loss curve (runs/demo/loss.png), the transformers export
+# (runs/demo/hf) and its fill-mask predictions.
+python scripts/show_run.py runs/demo

@@ -5,14 +5,19 @@
 #
 #   bash scripts/pretrain_landing.sh [extra --section.field value overrides for pretrain]
 #
-# Resumable: run it again and it continues from the latest checkpoint (saved every CKPT_MINUTES).
-# Sized for a CPU session in the background (STEPS=1500 is about 40 minutes on one thread of the
-# 2-core machine); on a GPU raise STEPS and the model size. Environment knobs:
-#   OUT (landing)  STEPS (1500)  HIDDEN (256)  LAYERS (4)  SEQ (96)  BATCH (64)  LR (1e-3)
-#   CKPT_MINUTES (5)  NPROC (0: this process, no spawning)
+# Resumable: run it again and it continues from the latest checkpoint (saved every CKPT_MINUTES),
+# under the settings the checkpoint was written with. The model is BERT's post-LayerNorm layout
+# (exported as BertForMaskedLM), masks are drawn anew each epoch, and samples pack sentences
+# across documents (PACK=0: within one document, as the reviews are short ~40% of each sample is
+# then padding). PRECISION auto is bf16 where the device has bf16 units (a CPU with AVX-512 bf16
+# or AMX), fp32 elsewhere. On a GPU raise STEPS and the model size. Environment knobs:
+#   OUT (landing)  STEPS (3000)  HIDDEN (256)  LAYERS (4)  SEQ (96)  BATCH (64)  LR (1e-3)
+#   PRECISION (auto)  PACK (1)  CKPT_MINUTES (5)  NPROC (0: this process, no spawning)
 set -euo pipefail
 OUT=${OUT:-landing}
-STEPS=${STEPS:-1500}
+STEPS=${STEPS:-3000}
+PRECISION=${PRECISION:-auto}
+PACK=${PACK:-1}
 HIDDEN=${HIDDEN:-256}
 LAYERS=${LAYERS:-4}
 SEQ=${SEQ:-96}
@@ -56,6 +61,7 @@ rapidnlp pretrain --config configs/tiny.toml ${NPROC:+--nproc $NPROC} --data.pat
   --model.ffn_size $((HIDDEN * 4)) --model.max_position_embeddings 128 \
   --data.seq_len "$SEQ" --train.global_batch "$BATCH" --train.micro_batch "$BATCH" \
   --train.steps "$STEPS" --train.lr "$LR" --train.warmup_steps 100 --train.lr_decay linear \
+  --train.precision "$PRECISION" --data.cross_documents "$([ "$PACK" = 1 ] && echo true || echo false)" \
   --train.eval_interval 100 --train.log_interval 20 --train.run_dir "$OUT/run" \
   --checkpoint.minutes "$CKPT_MINUTES" --checkpoint.keep_last 2 --resume auto "$@"
 

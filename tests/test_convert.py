@@ -165,3 +165,24 @@ def test_pretraining_only_modules_are_saved_beside(trained, tmp_path):
     res = run_cli("convert", "--to", "hf", str(ckpt), str(out))
     assert res.returncode == 0 and "1 pretraining-only tensors" in res.stdout, res.stderr[-2000:]
     assert torch.equal(load_file(out / "pretraining_modules.safetensors")["knowledge_fusion.gate.weight"], gate)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_show_run_plots_exports_and_fills_masks(trained, tmp_path):
+    """scripts/show_run.py (the demo's last step): loss.png beside metrics.jsonl, the latest
+    checkpoint as a transformers folder, and top-5 fill-mask predictions through transformers."""
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    run_dir = trained.parent.parent
+    hf = tmp_path / "hf"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "show_run.py"), str(run_dir), "--hf", str(hf),
+                          "--text", "北京是中国的首[MASK]。"], capture_output=True, text=True, env=clean_env(), timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert (hf / "model.safetensors").is_file() and "BertForMaskedLM" in res.stdout
+    line = [l for l in res.stdout.splitlines() if l.startswith("北京是中国的首[MASK]。")]
+    assert len(line) == 1 and len(line[0].split("->")[1].split()) == 10  # 5 predictions, 5 probabilities

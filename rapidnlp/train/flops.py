@@ -55,6 +55,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_bf16_units() -> str | None:
+    """The bf16 matrix units this CPU has (AMX or AVX-512 bf16, from /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "AMX" if "amx_bf16" in flags else "AVX-512 bf16" if "avx512_bf16" in flags else None
+
+
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """train.precision = auto: (precision, why). bf16 autocast where the device has bf16 units
+    (a CUDA GPU that supports it; a CPU with AMX or AVX-512 bf16), fp32 elsewhere."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ("bf16", "this GPU supports bf16") if ok else ("fp32", "this GPU has no bf16")
+    units = cpu_bf16_units()
+    return ("bf16", f"this CPU has {units}") if units else ("fp32", "this CPU has no bf16 units")
+
+
 def cpu_low_precision_speedup(dtype: torch.dtype, size: int = 384, trials: int = 5) -> float:
     """How much faster a `dtype` (bf16, fp16) GEMM runs than an fp32 one on this CPU, from a
     short probe (0.1-1 s): the best of a few alternating trials of each, so that another process
