@@ -13,6 +13,10 @@
 # or AMX), fp32 elsewhere. On a GPU raise STEPS and the model size. Environment knobs:
 #   OUT (landing)  STEPS (3000)  HIDDEN (256)  LAYERS (4)  SEQ (96)  BATCH (64)  LR (1e-3)
 #   PRECISION (auto)  PACK (1)  CKPT_MINUTES (5)  NPROC (0: this process, no spawning)
+#   EXCLUDE (a file of texts, one per line, held out by whoever evaluates the checkpoint: every
+#     corpus document sharing a 20-character window with one of them, whitespace ignored, is
+#     dropped, as is a document equal to a text under 20 characters; the count is printed;
+#     OUT/corpus.txt is what the run trained on)
 set -euo pipefail
 OUT=${OUT:-landing}
 STEPS=${STEPS:-3000}
@@ -28,16 +32,38 @@ NPROC=${NPROC:-0}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
-# 1. The corpus, and the proof that no few-shot or test text is in it.
-python - "$OUT/corpus.txt" <<'EOF'
+# 1. The corpus (less EXCLUDE's documents), and the proof that no few-shot or test text is in it.
+# Written once per OUT: a resumed run keeps the corpus (and the data) it started with.
+if [ -n "${EXCLUDE:-}" ] && [ ! -f "$EXCLUDE" ]; then echo "error: EXCLUDE=$EXCLUDE: no such file" >&2; exit 2; fi
+if [ ! -f "$OUT/data.idx" ]; then
+python - "$OUT/corpus.txt" "${EXCLUDE:-}" <<'EOF'
+import re
 import sys
 from rapidnlp.data.demo import people_daily_lines
 from rapidnlp.finetune.reviews import splits
 
+WINDOW = 20
 s = splits()
 held_out = {r["text"] for r in s["test"] + s["pool"]}
+lines = list(people_daily_lines()) + [r["text"] for r in s["unlabelled"]]
+if sys.argv[2]:
+    def squeeze(text):
+        return re.sub(r"\s+", "", text)
+
+    with open(sys.argv[2], encoding="utf-8-sig") as f:
+        texts = [squeeze(t) for t in f if squeeze(t)]
+    windows = {t[i:i + WINDOW] for t in texts if len(t) >= WINDOW for i in range(len(t) - WINDOW + 1)}
+    short = {t for t in texts if len(t) < WINDOW}
+
+    def excluded(line):
+        flat = squeeze(line)
+        return flat in short or any(flat[i:i + WINDOW] in windows for i in range(len(flat) - WINDOW + 1))
+
+    kept = [line for line in lines if not excluded(line)]
+    print(f"EXCLUDE={sys.argv[2]}: {len(texts)} texts; dropped {len(lines) - len(kept)} of {len(lines)} corpus "
+          f"documents that share a {WINDOW}-character window with one of them (or equal a shorter one)")
+    lines = kept
 with open(sys.argv[1], "w", encoding="utf-8") as f:
-    lines = list(people_daily_lines()) + [r["text"] for r in s["unlabelled"]]
     for line in lines:
         f.write(line.replace("\n", " ") + "\n")
 with open(sys.argv[1], encoding="utf-8") as f:
@@ -46,9 +72,9 @@ leaked = held_out.intersection(corpus)
 contained = [t for t in held_out if len(t) >= 20 and any(t in line for line in corpus[-len(s["unlabelled"]):])]
 if leaked or contained:
     sys.exit(f"held-out reviews found in the pretraining corpus: {len(leaked)} exact, {len(contained)} contained")
-print(f"corpus: {len(corpus)} lines ({len(s['unlabelled'])} unlabelled reviews); "
-      f"0 of {len(held_out)} test/few-shot texts in it")
+print(f"corpus: {len(corpus)} lines; 0 of {len(held_out)} test/few-shot texts in it")
 EOF
+fi
 
 # 2. Character-level tokenizer + indexed dataset.
 if [ ! -f "$OUT/data.idx" ]; then

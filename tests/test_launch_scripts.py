@@ -81,3 +81,31 @@ def test_bench_scaling_sbatch_dry_run():
     assert lines[i] == ("OMP_NUM_THREADS=6 python -m rapidnlp.cli bench --merge out/300m/report out/1.5b/report "
                         "--output out/report")
     assert not (REPO / "out").exists()  # a dry run writes nothing
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_landing_script_drops_excluded_documents_and_exports(tmp_path):
+    """scripts/pretrain_landing.sh with EXCLUDE: a People's Daily document sharing a 20-character
+    window (whitespace ignored) with a held-out text is not in the corpus the run trains on; a
+    one-step run of a small model ends as a transformers folder (BertForMaskedLM)."""
+    from rapidnlp.data.demo import people_daily_lines
+
+    line = next(l for l in people_daily_lines() if len(l) > 80)
+    held = tmp_path / "held_out.txt"
+    held.write_text("﻿" + " ".join(line[10:40]) + "\n", encoding="utf-8")  # spaced out, with a BOM
+    out = tmp_path / "landing"
+    res = subprocess.run(["bash", str(REPO / "scripts" / "pretrain_landing.sh")], cwd=REPO, capture_output=True,
+                         text=True, timeout=280,
+                         env=clean_env(OUT=str(out), EXCLUDE=str(held), STEPS="1", HIDDEN="32", LAYERS="1",
+                                       BATCH="4", SEQ="32", PRECISION="fp32"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    dropped = [l for l in res.stdout.splitlines() if l.startswith("EXCLUDE=")]
+    assert len(dropped) == 1 and "dropped 0 of" not in dropped[0], res.stdout
+    corpus = (out / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    assert line.replace("\n", " ") not in corpus and len(corpus) > 30000
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["BertForMaskedLM"]
+    missing = subprocess.run(["bash", str(REPO / "scripts" / "pretrain_landing.sh")], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, env=clean_env(OUT=str(tmp_path / "x"), EXCLUDE="/no/such"))
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: EXCLUDE=/no/such: no such file"
