@@ -9,7 +9,9 @@ held-out text no run trained on (the 1,200 test reviews), with the same fixed ma
              then `rapidnlp convert --to hf`
   reference  a transformers BertForMaskedLM in a plain loop written here: its own packing (the
              sentences of a document concatenated up to seq_len - 2), its own 80/10/10 masking
-             drawn afresh each step, BERT's own init (transformers' _init_weights)
+             drawn afresh each step, BERT's own init (transformers' _init_weights);
+             with --same-batches it trains on the engine's own batches instead (its sample
+             builder and sampler, seeded by the reference seed), which splits data from model
 
 It prints a table (held-out loss and accuracy per seed, mean, std and range per system, and the
 excursions: steps whose train loss exceeds the previous 20 steps' mean by 0.5 nats, or whose
@@ -18,6 +20,9 @@ vs non-padding tokens) under --out.
 
   python scripts/bench_learning.py --data landing/data --steps 400 --engine-seeds 1234,99,7 \\
       --reference-seeds 0,1,2 --out bench/learning_400
+  # the diagnosis: Megatron's pre-LN engine vs BERT on the very same batches (seed 1234 both)
+  python scripts/bench_learning.py --data landing/data --steps 400 --engine-seeds 1234 \\
+      --reference-seeds 1234 --same-batches --engine-args "--model.norm_position pre --data.dynamic_mask false"
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--eval-texts", type=int, default=1200, help="held-out test reviews scored")
     p.add_argument("--engine-args", default="", help="extra --section.field value overrides for the engine")
+    p.add_argument("--same-batches", action="store_true", help="the reference trains on the engine's batches")
     return p.parse_args(argv)
 
 
@@ -66,18 +72,23 @@ def _seeds(text: str) -> list[int]:
 
 # -- the engine ---------------------------------------------------------------------------------
 
+def engine_overrides(args, seed: int, run_dir: str) -> list[str]:
+    """The recipe as `rapidnlp pretrain` overrides of configs/tiny.toml."""
+    return ["--data.path", args.data, "--model.num_layers", str(args.layers), "--model.hidden_size", str(args.hidden),
+            "--model.num_heads", "4", "--model.ffn_size", str(4 * args.hidden),
+            "--model.max_position_embeddings", "128", "--data.seq_len", str(args.seq),
+            "--train.global_batch", str(args.batch), "--train.micro_batch", str(args.batch),
+            "--train.steps", str(args.steps), "--train.lr", str(args.lr), "--train.warmup_steps", str(args.warmup),
+            "--train.lr_decay", "linear", "--train.seed", str(seed), "--train.precision", args.precision,
+            "--train.eval_interval", "0", "--train.log_interval", "50", "--train.run_dir", run_dir,
+            "--checkpoint.keep_last", "1", *args.engine_args.split()]
+
+
 def run_engine(args, seed: int, folder: str) -> list[dict]:
     """`rapidnlp pretrain` with the recipe, then its HF export in folder/hf; returns metrics rows."""
     run = os.path.join(folder, "run")
     cmd = [sys.executable, "-m", "rapidnlp.cli", "pretrain", "--config", "configs/tiny.toml",
-           "--data.path", args.data, "--model.num_layers", str(args.layers), "--model.hidden_size", str(args.hidden),
-           "--model.num_heads", "4", "--model.ffn_size", str(4 * args.hidden),
-           "--model.max_position_embeddings", "128", "--data.seq_len", str(args.seq),
-           "--train.global_batch", str(args.batch), "--train.micro_batch", str(args.batch),
-           "--train.steps", str(args.steps), "--train.lr", str(args.lr), "--train.warmup_steps", str(args.warmup),
-           "--train.lr_decay", "linear", "--train.seed", str(seed), "--train.precision", args.precision,
-           "--train.eval_interval", "0", "--train.log_interval", "50", "--train.run_dir", run,
-           "--checkpoint.keep_last", "1", *args.engine_args.split()]
+           *engine_overrides(args, seed, run)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run(cmd, check=True, env=env)
     ckpt = os.path.join(run, "checkpoints", open(os.path.join(run, "checkpoints", "latest")).read().strip())
@@ -140,7 +151,31 @@ def hf_bert(args, vocab: int):
     return transformers.BertForMaskedLM(config)
 
 
+def engine_batches(args, seed: int):
+    """step -> the engine's own batch for that step (its sample builder and sampler), as
+    BertForMaskedLM inputs with labels at every position."""
+    from rapidnlp.config import load_config
+    from rapidnlp.data.sampler import GlobalBatchSampler
+    from rapidnlp.train.trainer import load_data
+
+    config = load_config("configs/tiny.toml", engine_overrides(args, seed, os.devnull))
+    data = load_data(config)
+    sampler = GlobalBatchSampler(len(data.train), global_batch=args.batch, micro_batch=args.batch,
+                                 dp_rank=0, dp_size=1, seed=seed)
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        position = step * args.batch
+        b = data.train.collate(sampler.step_at(position)[0], sampler.epochs_at(position)[0])
+        labels = torch.full_like(b["input_ids"], IGNORE)
+        rows, slots = torch.nonzero(b["mlm_labels"] != IGNORE, as_tuple=True)
+        labels[rows, b["mlm_positions"][rows, slots]] = b["mlm_labels"][rows, slots]
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+
+    return batch
+
+
 def run_reference(args, seed: int, folder: str, samples: list[np.ndarray], special: dict, vocab: int) -> list[dict]:
+    same = engine_batches(args, seed) if args.same_batches else None
     torch.manual_seed(seed)
     model = hf_bert(args, vocab)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -155,10 +190,13 @@ def run_reference(args, seed: int, folder: str, samples: list[np.ndarray], speci
         lr = args.lr * min((step + 1) / args.warmup, max(0.0, (args.steps - step) / max(1, args.steps - args.warmup)))
         for g in opt.param_groups:
             g["lr"] = lr
-        if pos + args.batch > len(order):
-            order, pos = np.random.default_rng((seed, step)).permutation(len(samples)), 0
-        batch = mask_batch([samples[i] for i in order[pos:pos + args.batch]], args.seq, special, vocab, gen)
-        pos += args.batch
+        if same is not None:
+            batch = same(step)
+        else:
+            if pos + args.batch > len(order):
+                order, pos = np.random.default_rng((seed, step)).permutation(len(samples)), 0
+            batch = mask_batch([samples[i] for i in order[pos:pos + args.batch]], args.seq, special, vocab, gen)
+            pos += args.batch
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
@@ -257,7 +295,7 @@ def main(argv=None) -> int:
     tok = Tokenizer(tokenizer)
     special = {"pad": tok.pad_id, "cls": tok.cls_id, "sep": tok.sep_id, "mask": tok.mask_id}
     texts = [r["text"] for r in splits()["test"]][:args.eval_texts]
-    samples = reference_samples(args.data, args.seq) if _seeds(args.reference_seeds) else []
+    samples = reference_samples(args.data, args.seq) if _seeds(args.reference_seeds) and not args.same_batches else []
     results = []
     for system, seeds in (("engine", _seeds(args.engine_seeds)), ("reference", _seeds(args.reference_seeds))):
         for seed in seeds:

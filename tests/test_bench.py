@@ -62,3 +62,34 @@ def test_bench_bad_input_is_one_line(tmp_path):
     assert res.returncode == 2 and "--world" in res.stderr
     res = run_cli("bench", "--merge", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
     assert res.returncode == 2 and "no results.csv" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_bench_learning_smallest_size(pd_dataset, tmp_path):
+    """scripts/bench_learning.py at its smallest: the engine (a real `rapidnlp pretrain` and its
+    HF export) and the transformers reference, both scored by the one evaluator; the reference
+    on the engine's own batches too (--same-batches)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def bench(out, *extra):
+        res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_learning.py"), "--data", pd_dataset,
+                              "--steps", "3", "--warmup", "1", "--hidden", "32", "--layers", "1", "--batch", "8",
+                              "--seq", "32", "--eval-texts", "40", "--threads", "1", "--out", str(out), *extra],
+                             cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        return res.stdout, json.loads((out / "results.json").read_text())["results"]
+
+    stdout, results = bench(tmp_path / "a", "--engine-seeds", "1", "--reference-seeds", "0")
+    assert [(r["system"], r["seed"]) for r in results] == [("engine", 1), ("reference", 0)]
+    for r in results:
+        assert 0 < r["heldout_loss"] < 10 and r["scored_tokens"] > 100 and len(r["curve"]) == 3
+        assert 0 < r["tokens"] <= 3 * 8 * 32  # non-padding tokens
+    assert "engine - reference:" in stdout and (tmp_path / "a" / "loss.png").is_file()
+    # The engine's batches of seed 1: the very tokens the engine run of seed 1 counted.
+    _, same = bench(tmp_path / "b", "--engine-seeds", "", "--reference-seeds", "1", "--same-batches")
+    assert same[0]["system"] == "reference" and same[0]["tokens"] == results[0]["tokens"]
