@@ -14,6 +14,7 @@ WORKER = str(REPO / "tests" / "train_worker.py")
 STEPS = 20
 OPTIMIZERS = ("adamw", "lamb")
 REFERENCE = {"adamw": "single", "lamb": "single_lamb"}  # conftest's shared single-process runs
+POST = {"model.norm_position": "post", "data.dynamic_mask": True}  # configs/tiny.toml's layout and masks
 
 
 LAYOUTS = {
@@ -35,7 +36,7 @@ def curves(pd_dataset, references, tmp_path_factory):
     results = {f"single/{opt}": references[REFERENCE[opt]] for opt in OPTIMIZERS}
     results.update({f"single_again/{opt}": references[REFERENCE[opt] + "_again"] for opt in OPTIMIZERS})
     results["single_bf16/adamw"] = references["single_bf16"]
-    results["single_pre"] = references["single_pre"]
+    results["single_post"] = references["single_post"]
     for nproc, layouts in LAYOUTS.items():
         runs = [
             {"name": f"{name}/{opt}", "overrides": {**over, "train.optimizer": opt}}
@@ -43,11 +44,15 @@ def curves(pd_dataset, references, tmp_path_factory):
         ]
         if nproc == 2:
             runs += [
-                {"name": "tp2_pre", "overrides": {"parallel.tp": 2, "model.norm_position": "pre"}},
+                {"name": "tp2_post", "overrides": {"parallel.tp": 2, **POST}},
+                {"name": "tp2_post_no_sp", "overrides": {"parallel.tp": 2, "parallel.sequence_parallel": False,
+                                                         "parallel.loss_parallel": False, **POST}},
                 {"name": "twin_sp", "overrides": {"parallel.tp": 2}, "dense_twin": True},
                 {"name": "twin_no_sp", "dense_twin": True, "overrides": {
                     "parallel.tp": 2, "parallel.sequence_parallel": False, "parallel.loss_parallel": False}},
             ]
+        if nproc == 4:
+            runs.append({"name": "pp2_tp2_post", "overrides": {"parallel.pp": 2, "parallel.tp": 2, **POST}})
         tmp = tmp_path_factory.mktemp(f"w{nproc}")
         results.update(launch_world(WORKER, nproc, pd_dataset, base_overrides(tmp / "run"), runs, tmp))
     return results
@@ -70,14 +75,15 @@ def test_layout_matches_single_process(curves, layout, optimizer):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pre_layernorm_layout_matches_single_process(curves):
-    """Megatron's pre-LN blocks (model.norm_position = "pre"; the configs default to BERT's
-    post-LN) under tp2 with sequence parallelism, against their own single process."""
-    ref, got = curves["single_pre"], curves["tp2_pre"]
+@pytest.mark.parametrize("layout", ["tp2_post", "tp2_post_no_sp", "pp2_tp2_post"])
+def test_post_layernorm_layouts_match_single_process(curves, layout):
+    """BERT's post-LN blocks with dynamic masks (configs/tiny.toml's; the other layouts here run
+    the dataclass defaults, Megatron's pre-LN) against their own single process."""
+    ref, got = curves["single_post"], curves[layout]
     assert len(ref) == len(got) == STEPS
     np.testing.assert_allclose(_series(got, "loss"), _series(ref, "loss"), rtol=1e-4)
     np.testing.assert_allclose(_series(got, "grad_norm"), _series(ref, "grad_norm"), rtol=1e-4)
-    # The flag reached the model: the two layouts train differently.
+    # The settings reached the model and the data: the two references train differently.
     assert np.abs(_series(ref, "loss") - _series(curves["single/adamw"], "loss")).max() > 1e-3
 
 
