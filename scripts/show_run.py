@@ -58,7 +58,9 @@ def fill_mask(hf_dir: str, texts, top: int = 5) -> list[tuple[str, list[tuple[st
         with torch.no_grad():
             probs = model(input_ids=torch.tensor([ids])).logits[0, at].softmax(-1)
         best = probs.topk(top)
-        out.append((text, [(tok.decode([int(i)]).strip(), float(p)) for p, i in zip(best.values, best.indices)]))
+        # A piece that decodes to white space (a byte, the word-start mark) shows as the piece itself.
+        words = [tok.decode([int(i)]).strip() or tok.convert_ids_to_tokens(int(i)) for i in best.indices]
+        out.append((text, list(zip(words, best.values.tolist()))))
     return out
 
 
