@@ -163,17 +163,23 @@ def _run_worker(config, resume: str | None) -> int:
 
 
 def _keep_recorded(config, checkpoint: str, report: bool) -> None:
-    """A resumed run trains under the settings its checkpoint was written with (config.RECORDED)."""
+    """A resumed run trains under the settings its checkpoint was written with (config.RECORDED).
+    Read before the checkpoint is verified (the model is built from them): a config.json that is
+    not a plain file inside the folder, or not JSON, is left to the verification, which refuses
+    the checkpoint with its own line."""
     import json
 
     from rapidnlp.config import keep_recorded
+    from rapidnlp.train.checkpoint import inside
 
     path = os.path.join(checkpoint, "config.json")
+    if not inside(checkpoint, "config.json") or not os.path.isfile(path):
+        return
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read the checkpoint's config ({e})") from None
+    except (OSError, ValueError, RecursionError):
+        return
     for line in keep_recorded(config, saved if isinstance(saved, dict) else {}, path):
         if report:
             print(f"note: {line}", flush=True)
