@@ -141,15 +141,15 @@ def launch_worlds(worlds: dict[int, dict[str, dict]], data: str, base, tmp_path_
     return results
 
 
-def assert_curves_equal(got, ref, keys, steps: int, rtol: float = 1e-4) -> None:
-    """A layout's metric curves against the single process's: every key present, to rtol."""
+def assert_curves_equal(got, ref, keys, steps: int, rtol: float = 1e-4, atol: float = 1e-7) -> None:
+    """A layout's metric curves against the single process's: every key present, to rtol (and atol)."""
     import numpy as np
 
     assert len(ref) == len(got) == steps
     for key in keys:
         want = series(ref, key)
         assert len(want) > 0, key
-        np.testing.assert_allclose(series(got, key), want, rtol=rtol, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(series(got, key), want, rtol=rtol, atol=atol, err_msg=key)
 
 
 def assert_skipped(rows, ref, step: int) -> None:

@@ -313,7 +313,15 @@ def test_knowledge_layout_matches_single_process(curves, layout):
     ref = curves[REFERENCE[layout]]
     keys = [k for k in ref[-1] if k == "loss" or k.startswith(("loss_", "val_")) or k == "grad_norm"]
     assert "loss_mlm" in keys
-    assert_curves_equal(curves[layout], ref, keys, STEPS)
+    # val_knowledge_gain_nats is a difference of two ~7-nat losses (gate shut minus gate open),
+    # ~2e-5 at step 5: float32 resolves each loss to ~5e-7 (tp2 x pp2 x dp2's total loss there
+    # differs from the single process's by 4.8e-7 on a 2-core AMD EPYC, with the code before and
+    # after BERT's layout was added), so the difference is compared to 1e-6, not the 1e-7 the
+    # other keys use.
+    gain = [k for k in keys if k == "val_knowledge_gain_nats"]
+    assert_curves_equal(curves[layout], ref, [k for k in keys if k not in gain], STEPS)
+    if gain:
+        assert_curves_equal(curves[layout], ref, gain, STEPS, atol=1e-6)
 
 
 @pytest.mark.slow
