@@ -290,9 +290,10 @@ class BertForMLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, init_std) weights; pre-LN's residual output projections scaled by
-        1/sqrt(2 * layers) (Megatron; post-LN keeps BERT's plain init); pieces too, then a piece module's own `init_weights()` where it has one (a gate that
-        starts shut, a table initialised from the word embedding). Tied copies are replaced by
-        their originals afterwards (`tie_weights`)."""
+        1/sqrt(2 * layers) (Megatron; post-LN keeps BERT's plain init); pieces too, then a piece
+        module's own `init_weights()` where it has one (a gate that starts shut, a table
+        initialised from the word embedding). Tied copies are replaced by their originals
+        afterwards (`tie_weights`)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -3,8 +3,9 @@
 Megatron's layout: column-parallel query/key/value and fc1, row-parallel attention output and
 fc2, a vocab-parallel word embedding, and a vocab-parallel decoder whose logits stay sharded
 for `loss_parallel` cross-entropy. With sequence parallelism the residual stream between blocks
-is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard (post-LN's embedding norm runs on
-the whole sequence inside the embeddings, as the position embeddings do), and the
+is sharded along the sequence (Shard(1)), LayerNorms run on their sequence shard (post-LN's
+embedding norm runs on the whole sequence inside the embeddings, as the position embeddings
+do), and the
 blocks all-gather before attention/MLP and reduce-scatter after them.
 
 With `model.fused_kernels` the kernels run on the local shards (rapidnlp.kernels.dispatch): the
